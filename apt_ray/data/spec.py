@@ -1,0 +1,102 @@
+"""DataSpec: the validated description of which data a trial reads and how it is batched."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+DEFAULT_CACHE_ENV = "APT_RAY_CACHE"
+
+
+def default_cache_dir() -> Path:
+    """The cache root: `$APT_RAY_CACHE` if set, else `~/.cache/apt_ray`."""
+    env = os.environ.get(DEFAULT_CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "apt_ray"
+
+
+class DataSpec(BaseModel):
+    """Where the VQA data comes from, its sizes, and how it is tokenised, batched and sharded.
+
+    `kind` picks the reader: `synthetic` (the shapes task, generated into a cache on first
+    use), `vqav2_arrow` (a folder of ViLT-style `vqav2_<split>.arrow` files) or `hf`
+    (a Hugging Face `datasets` directory or hub id).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["synthetic", "vqav2_arrow", "hf"] = "synthetic"
+    path: str | None = Field(
+        default=None,
+        description="synthetic: cache root (default $APT_RAY_CACHE or ~/.cache/apt_ray) or a "
+        "finished synthetic dataset folder; vqav2_arrow: folder of arrow files; hf: folder or hub id",
+    )
+    train_splits: tuple[str, ...] = ("train",)
+    val_split: str = "val"
+    arrow_prefix: str = "vqav2"
+
+    # synthetic generation (ignored for real data)
+    num_train: int = Field(default=3000, gt=0, description="synthetic train images")
+    num_val: int = Field(default=500, gt=0, description="synthetic val images")
+    num_test: int = Field(default=500, ge=0, description="synthetic test images")
+    questions_per_image: int = Field(default=3, gt=0, le=50)
+    scene_size: int | None = Field(default=None, ge=24, le=1024, description="synthetic render size; default image_size")
+    synthetic_seed: int = Field(default=0, ge=0, description="seed of the synthetic generator (not of shuffling)")
+
+    # optional subsets of any kind (seeded random subset of questions)
+    max_train_questions: int | None = Field(default=None, gt=0)
+    max_val_questions: int | None = Field(default=None, gt=0)
+
+    # model-side shapes
+    image_size: int = Field(default=64, ge=8, le=2048)
+    max_text_len: int = Field(default=40, ge=3, le=4096)
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    tokenizer: str | None = Field(
+        default=None,
+        description="tokenizer folder or hub id; default: the synthetic set's own, else a "
+        "WordLevel tokenizer built over the train questions and answers",
+    )
+    answer_top_k: int = Field(default=3129, gt=0)
+
+    # loading
+    batch_size: int = Field(default=32, gt=0)
+    eval_batch_size: int | None = Field(default=None, gt=0)
+    num_workers: int = Field(default=0, ge=0)
+    seed: int = Field(default=0, ge=0, description="seed of shuffling and subsetting")
+    max_bad_image_fraction: float = Field(default=0.05, ge=0.0, le=1.0)
+
+    # sharding (one process per rank; no Ray needed here)
+    world_size: int = Field(default=1, gt=0)
+    rank: int = Field(default=0, ge=0)
+
+    @field_validator("std")
+    @classmethod
+    def _positive_std(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(s <= 0 for s in value):
+            raise ValueError("every std value must be positive")
+        return value
+
+    @field_validator("train_splits")
+    @classmethod
+    def _some_train_split(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value or any(not s for s in value):
+            raise ValueError("train_splits needs at least one non-empty split name")
+        return value
+
+    @model_validator(mode="after")
+    def _check_rank(self) -> DataSpec:
+        if self.rank >= self.world_size:
+            raise ValueError(f"rank {self.rank} must be smaller than world_size {self.world_size}")
+        return self
+
+    def cache_root(self) -> Path:
+        """The folder under which synthetic data is generated."""
+        return Path(self.path).expanduser() if self.path else default_cache_dir()
+
+    @property
+    def render_size(self) -> int:
+        """Size the synthetic scenes are drawn at."""
+        return self.scene_size or self.image_size

@@ -1,0 +1,29 @@
+"""Parameter-efficient methods, applied to a model's attention sites."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from apt_ray.methods import adapter, apt, deep_prompt, kv_prompt, lora, probe
+from apt_ray.methods.base import AppliedMethod
+from apt_ray.methods.spec import METHOD_NAMES, MethodSpec
+from apt_ray.models.vqa import VQAModel
+
+REGISTRY: dict[str, Callable[[VQAModel, MethodSpec], AppliedMethod]] = {
+    "apt": apt.apply,
+    "deep_prompt": deep_prompt.apply,
+    "kv_prompt": kv_prompt.apply,
+    "lora": lora.apply,
+    "adapter": adapter.apply,
+    "linear_probe": probe.apply_linear_probe,
+    "full": probe.apply_full,
+}
+assert set(REGISTRY) == set(METHOD_NAMES)
+
+
+def apply(model: VQAModel, spec: MethodSpec) -> AppliedMethod:
+    """Freeze the backbone and inject the method at the sites its placement picks."""
+    return REGISTRY[spec.name](model, spec)
+
+
+__all__ = ["AppliedMethod", "MethodSpec", "METHOD_NAMES", "REGISTRY", "apply"]

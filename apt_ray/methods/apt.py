@@ -1,0 +1,50 @@
+"""APT (Wu et al. 2023): prompts' effect as a cheap additive term on each site's output.
+
+    K~ = P + (P A) B,   S = relu(X K~^T),   w = max_j S (detached),
+    O' = (O + w * (S P)) * exp(s)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from apt_ray.methods.base import AppliedMethod, prepare
+from apt_ray.methods.sites import SiteMethod
+from apt_ray.methods.spec import MethodSpec
+from apt_ray.models.vqa import VQAModel
+
+
+class APTSite(SiteMethod):
+    """Per-site APT parameters: prompts P (p x d), low-rank A (d x r), B (r x d, zero), scale s."""
+
+    def __init__(self, hidden: int, num_prompts: int, rank: int) -> None:
+        super().__init__()
+        self.prompts = nn.Parameter(torch.randn(num_prompts, hidden) * 0.02)
+        self.lora_a = nn.Parameter(torch.randn(hidden, rank))
+        self.lora_b = nn.Parameter(torch.zeros(rank, hidden))
+        self.log_scale = nn.Parameter(torch.zeros(()))
+
+    def prompt_keys(self) -> torch.Tensor:
+        """``K~ = P + (P A) B``: the low-rank stand-in for the prompts' key transform."""
+        p = self.prompts
+        return p + (p @ self.lora_a) @ self.lora_b
+
+    def transform_output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        keys = self.prompt_keys().to(x.dtype)
+        scores = torch.relu(x @ keys.transpose(0, 1))  # (B, Nq, p)
+        weight = scores.detach().amax(dim=-1, keepdim=True)
+        diffusion = scores @ self.prompts.to(x.dtype)  # (B, Nq, d)
+        return (out + weight * diffusion) * self.log_scale.exp().to(out.dtype)
+
+
+def apply(model: VQAModel, spec: MethodSpec) -> AppliedMethod:
+    layers, sites = prepare(model, spec)
+    p, r = spec.num_prompts, spec.rank
+    for site in sites:
+        site.module.attach(APTSite(site.hidden_size, p, r))
+    return AppliedMethod(
+        spec, layers, sites,
+        site_macs=lambda s, nq, nk: 2 * nq * p * s.hidden_size + 2 * p * s.hidden_size * r,
+        site_params=lambda s: p * s.hidden_size + 2 * s.hidden_size * r + 1,
+    )

@@ -1,0 +1,74 @@
+"""What every method shares: freezing, placement checks, and the record of what it added."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from torch import nn
+
+from apt_ray.errors import UserError
+from apt_ray.methods.sites import AttentionSite, FFNSite, resolve_layers, select_sites
+from apt_ray.methods.spec import MethodSpec
+from apt_ray.models.vqa import VQAModel
+
+
+@dataclass
+class AppliedMethod:
+    """A method as applied to one model.
+
+    ``site_macs(site, n_q, n_k)`` is the closed-form additional multiply-adds of
+    one attention site; ``ffn_macs(n)`` of one FFN site for ``n`` tokens;
+    ``global_macs(text_len, image_tokens)`` anything not tied to a site (input prompts).
+    """
+
+    spec: MethodSpec
+    layers: list[int]
+    sites: list[AttentionSite]
+    ffn_sites: list[FFNSite] = field(default_factory=list)
+    site_macs: Callable[[AttentionSite, int, int], int] = lambda s, nq, nk: 0
+    ffn_macs: Callable[[int], int] = lambda n: 0
+    global_macs: Callable[[int, int], int] = lambda text_len, image_tokens: 0
+    site_params: Callable[[AttentionSite], int] = lambda s: 0
+    ffn_params: Callable[[FFNSite], int] = lambda s: 0
+    global_params: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def analytic_params(self) -> int:
+        """Closed-form count of the parameters the method updates (head excluded)."""
+        return sum(self.site_params(s) for s in self.sites) + sum(self.ffn_params(f) for f in self.ffn_sites) + self.global_params
+
+    def analytic_breakdown(self, text_len: int, image_tokens: int, lengths: dict[str, int]) -> dict[str, int]:
+        """Additional MACs per site (and ``input`` for global parts).
+
+        ``lengths``: tokens per stream as the backbone sees them (input prompts included).
+        """
+        out = {s.name: self.site_macs(s, lengths[s.stream], lengths[s.key_stream]) for s in self.sites}
+        out.update({f.name: self.ffn_macs(lengths[f.stream]) for f in self.ffn_sites})
+        extra = self.global_macs(text_len, image_tokens)
+        if extra:
+            out["input"] = extra
+        return out
+
+
+def prepare(model: VQAModel, spec: MethodSpec, kinds: tuple[str, ...] = ("self", "cross")) -> tuple[list[int], list[AttentionSite]]:
+    """Freeze the backbone, keep the head trainable, check the backbone-dependent bounds, pick sites."""
+    backbone = model.backbone
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    for p in model.head.parameters():
+        p.requires_grad_(True)
+    if spec.name in ("apt", "lora") and spec.rank > backbone.hidden_size:
+        raise UserError(
+            f"rank {spec.rank} is above the hidden size {backbone.hidden_size} of this backbone: "
+            f"use a rank between 1 and {backbone.hidden_size}."
+        )
+    layers = resolve_layers(backbone.num_layers, spec.depth, spec.placement, spec.layers)
+    return layers, select_sites(backbone.attention_sites(), layers, kinds)
+
+
+def count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,116 @@
+"""ViLT backbone: transformers' ``ViltModel`` with its attention modules wrapped as sites."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import ViltConfig, ViltModel
+from transformers.models.vilt.modeling_vilt import ViltAttention
+
+from apt_ray.methods.sites import AttentionSite, FFNSite, SiteAttention
+from apt_ray.models.attention import site_attention
+from apt_ray.models.output import BackboneOutput
+
+
+class ViltSiteAttention(SiteAttention):
+    """Drop-in for ``ViltAttention`` reusing its Linear layers (state-dict keys unchanged)."""
+
+    def __init__(self, original: ViltAttention, num_heads: int) -> None:
+        super().__init__()
+        self.attention = original.attention  # query / key / value / dropout
+        self.output = original.output  # dense / dropout
+        self.num_heads = num_heads
+
+    def projections(self) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
+        a = self.attention
+        return a.query, a.key, a.value, self.output.dense
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, output_attentions: bool = False, **_: object):
+        out = site_attention(
+            self, *self.projections(), hidden_states, hidden_states, self.num_heads,
+            mask=attention_mask, dropout_p=self.attention.dropout.p if self.training else 0.0,
+        )
+        return (self.output.dropout(out),)
+
+
+class ViltBackbone(nn.Module):
+    """Single-stream ViLT: text tokens, image CLS and patches share one transformer.
+
+    Every layer has one self-attention site on the joint stream.
+    """
+
+    family = "vilt"
+
+    def __init__(self, config: ViltConfig, vilt: ViltModel | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.vilt = vilt if vilt is not None else ViltModel(config, add_pooling_layer=True)
+        for layer in self.vilt.encoder.layer:
+            if not isinstance(layer.attention, ViltSiteAttention):
+                layer.attention = ViltSiteAttention(layer.attention, config.num_attention_heads)
+        self._image_prompts: tuple[nn.Parameter, ...] = ()  # a tuple, so the method (not the backbone) owns it
+        self.vilt.embeddings.register_forward_hook(self._append_image_prompts)
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | Path) -> "ViltBackbone":
+        vilt = ViltModel.from_pretrained(str(path_or_id), add_pooling_layer=True)
+        return cls(vilt.config, vilt)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        self.vilt.save_pretrained(str(path))
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    def attention_sites(self) -> list[AttentionSite]:
+        c = self.config
+        return [
+            AttentionSite(f"layer{i}.joint.self", i, "joint", "self", layer.attention, c.hidden_size, c.num_attention_heads, "joint")
+            for i, layer in enumerate(self.vilt.encoder.layer)
+        ]
+
+    def ffn_sites(self) -> list[FFNSite]:
+        return [FFNSite(f"layer{i}.joint.ffn", i, "joint", layer.output.dense) for i, layer in enumerate(self.vilt.encoder.layer)]
+
+    def stream_lengths(self, text_len: int, image_tokens: int) -> dict[str, int]:
+        """Tokens per stream for the given text length and image tokens (patches + CLS)."""
+        return {"joint": text_len + image_tokens + self.num_image_prompts}
+
+    @property
+    def num_image_prompts(self) -> int:
+        return self._image_prompts[0].shape[0] if self._image_prompts else 0
+
+    def set_image_prompts(self, prompts: nn.Parameter | None) -> None:
+        """Learnable tokens appended to the input sequence (E2VPT visual prompts)."""
+        self._image_prompts = () if prompts is None else (prompts,)
+
+    def _append_image_prompts(self, module: nn.Module, args: tuple, output: tuple) -> tuple:
+        if not self._image_prompts:
+            return output
+        embeddings, masks = output
+        b = embeddings.shape[0]
+        p = self._image_prompts[0].to(embeddings.dtype).unsqueeze(0).expand(b, -1, -1)
+        ones = torch.ones(b, p.shape[1], dtype=masks.dtype, device=masks.device)
+        return torch.cat([embeddings, p], dim=1), torch.cat([masks, ones], dim=1)
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None) -> BackboneOutput:
+        """Per-token text and image states plus pooled features."""
+        out = self.vilt(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, pixel_mask=pixel_mask)
+        seq = out.last_hidden_state
+        n_text = input_ids.shape[1]
+        return BackboneOutput(seq[:, :n_text], seq[:, n_text:], out.pooler_output)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Pooled multimodal features (B, pooled_size)."""
+        return self.encode(input_ids, attention_mask, pixel_values, pixel_mask).pooled
+
+    @property
+    def pooled_size(self) -> int:
+        return self.config.hidden_size
