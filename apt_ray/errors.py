@@ -5,3 +5,21 @@ class UserError(Exception):
     """A mistake the user can fix; the message names the problem and the fix."""
 
     exit_code = 2
+
+
+def validation_message(error: "pydantic.ValidationError", allowed: "list[str] | None" = None) -> str:  # noqa: F821
+    """One paragraph naming each bad field, what was given and what is allowed (did-you-mean for typos)."""
+    import difflib
+
+    parts = []
+    for e in error.errors():
+        field = ".".join(str(x) for x in e["loc"]) or "config"
+        if e["type"] == "extra_forbidden":
+            hint = ""
+            close = difflib.get_close_matches(str(e["loc"][-1]), allowed or [], n=1)
+            if close:
+                hint = f" (did you mean '{close[0]}'?)"
+            parts.append(f"unknown key '{field}'{hint}")
+        else:
+            parts.append(f"{field}={e.get('input')!r}: {e['msg'][0].lower() + e['msg'][1:]}")
+    return "invalid configuration: " + "; ".join(parts) + ". Fix these values (see `apt-ray <command> --help`) and run again."

@@ -41,30 +41,34 @@ def soft_targets(answers: Iterable[str]) -> dict[str, float]:
     return {answer: soft_score(n) for answer, n in Counter(answers).items()}
 
 
-def answer_counts(train_answers: Iterable[Sequence[str]]) -> Counter[str]:
-    """How often each answer was given over all annotators of all questions."""
-    counts: Counter[str] = Counter()
+def answer_credit(train_answers: Iterable[Sequence[str]]) -> Counter[str]:
+    """Total credit of each answer over all questions, in thirds: sum of min(3, votes).
+
+    Ranking by credit rather than raw votes means answers that earn the same training score
+    rank the same, whether a dataset stores all ten votes or (like the ViLT arrow files) only
+    distinct answers with soft scores.
+    """
+    credit: Counter[str] = Counter()
     for answers in train_answers:
-        counts.update(answers)
-    return counts
+        for answer, votes in Counter(answers).items():
+            credit[answer] += min(3, votes)
+    return credit
 
 
 def build_answer_vocab(train_answers: Iterable[Sequence[str]], top_k: int | None = 3129) -> list[str]:
-    """The `top_k` most frequent answers (counted over all annotator answers), most frequent first;
+    """The `top_k` answers with the most training credit (see `answer_credit`), best first;
     ties broken alphabetically so the order never depends on input order."""
-    counts = answer_counts(train_answers)
-    if not counts:
+    if top_k is not None and top_k <= 0:
+        raise ValueError(f"top_k must be positive, got {top_k}")
+    credit = answer_credit(train_answers)
+    if not credit:
         raise UserError(
             "The training split has no answers, so no answer vocabulary can be built. "
             "Point the data path at a split whose questions carry annotator answers "
             "(test splits of VQAv2 have none)."
         )
-    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
-    if top_k is not None:
-        if top_k <= 0:
-            raise ValueError(f"top_k must be positive, got {top_k}")
-        ranked = ranked[:top_k]
-    return [answer for answer, _ in ranked]
+    ranked = sorted(credit.items(), key=lambda item: (-item[1], item[0]))
+    return [answer for answer, _ in ranked[:top_k]]
 
 
 @dataclass(frozen=True)

@@ -84,6 +84,19 @@ class ViltBackbone(nn.Module):
         return {"joint": text_len + image_tokens + self.num_image_prompts}
 
     @property
+    def input_prompt_dim(self) -> int:
+        """Width of the tokens :meth:`set_image_prompts` appends."""
+        return self.config.hidden_size
+
+    def analytic_macs(self, text_len: int, image_tokens: int, image_prompts: int = 0) -> int:
+        """Closed-form multiply-adds of one forward pass (matmuls and the patch convolution)."""
+        c = self.config
+        d, ps = c.hidden_size, c.patch_size
+        n = text_len + image_tokens + image_prompts
+        layer = 4 * n * d * d + 2 * n * n * d + 2 * n * d * c.intermediate_size
+        return (image_tokens - 1) * 3 * ps * ps * d + c.num_hidden_layers * layer + d * d
+
+    @property
     def num_image_prompts(self) -> int:
         return self._image_prompts[0].shape[0] if self._image_prompts else 0
 

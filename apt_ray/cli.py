@@ -1,0 +1,134 @@
+"""The ``apt-ray`` command line: profile, pretrain, train."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable, Sequence
+
+from pydantic import ValidationError
+
+from apt_ray.errors import UserError, validation_message
+
+
+def _layers(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of layer indices, e.g. 0,1,5") from None
+
+
+def _image_hw(text: str) -> tuple[int, int]:
+    try:
+        h, _, w = text.lower().partition("x")
+        return int(h), int(w or h)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an image size: use HxW (e.g. 384x384) or one number") from None
+
+
+def _add_method_args(p: argparse.ArgumentParser) -> None:
+    from apt_ray.methods.spec import METHOD_NAMES
+
+    p.add_argument("--method", default="apt", help=f"one of: {', '.join(METHOD_NAMES)} (default apt)")
+    p.add_argument("--num-prompts", type=int, default=None, help="prompts per site (apt, deep_prompt, kv_prompt)")
+    p.add_argument("--rank", type=int, default=None, help="APT approximation rank / LoRA rank")
+    p.add_argument("--depth", type=int, default=None, help="number of layers carrying the method (default all)")
+    p.add_argument("--placement", default=None, help="bottom (first D layers) or top (last D layers)")
+    p.add_argument("--layers", type=_layers, default=None, help="explicit comma-separated layer indices")
+    p.add_argument("--reparam-hidden", type=int, default=None, help="deep_prompt: OFA-PT reparameterisation width")
+    p.add_argument("--num-visual-prompts", type=int, default=None, help="kv_prompt: visual prompts at the input")
+    p.add_argument("--adapter-dim", type=int, default=None, help="adapter bottleneck width")
+
+
+def method_spec_from_args(args: argparse.Namespace):
+    from apt_ray.methods.spec import METHOD_NAMES, MethodSpec
+
+    if args.method not in METHOD_NAMES:
+        raise UserError(f"unknown method '{args.method}': choose one of {', '.join(METHOD_NAMES)}.")
+    fields = {
+        "name": args.method, "num_prompts": args.num_prompts, "rank": args.rank, "depth": args.depth,
+        "placement": args.placement, "layers": args.layers, "reparam_hidden": args.reparam_hidden,
+        "num_visual_prompts": args.num_visual_prompts, "adapter_dim": args.adapter_dim,
+    }
+    try:
+        return MethodSpec(**{k: v for k, v in fields.items() if v is not None})
+    except ValidationError as e:
+        raise UserError(validation_message(e, list(MethodSpec.model_fields))) from None
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from apt_ray.models.presets import get_preset
+    from apt_ray.profile import profile
+
+    get_preset(args.model)
+    spec = method_spec_from_args(args)
+    if args.text_len is not None and args.text_len < 1:
+        raise UserError(f"--text-len {args.text_len} is not allowed: give a positive number of text tokens.")
+    prof = profile(args.model, spec, text_len=args.text_len, image_hw=args.image_size)
+    if args.json:
+        print(json.dumps(prof.to_dict(), indent=2))
+    else:
+        print(format_profile(prof, per_site=args.per_site))
+    return 0
+
+
+def format_profile(prof, per_site: bool = False) -> str:
+    """A readable table of a :class:`~apt_ray.profile.Profile`."""
+    rows = [
+        ("model", prof.model), ("method", prof.method),
+        ("prompts / rank", f"{prof.num_prompts} / {prof.rank}"),
+        ("layers", f"{prof.depth} ({prof.placement}: {prof.layers})"), ("sites", prof.sites),
+        ("input", f"{prof.text_len} text tokens, image {prof.image_hw[0]}x{prof.image_hw[1]}; stream lengths {prof.stream_lengths}"),
+        ("base GMACs", f"{prof.base_gmacs:.3f}"), ("total GMACs", f"{prof.total_gmacs:.3f}"),
+        ("additional GMACs (measured)", f"{prof.measured_additional_gmacs:.3f}"),
+        ("additional GMACs (analytic)", f"{prof.analytic_additional_gmacs:.3f}"),
+        ("updated params", f"{prof.updated_params:,} ({prof.updated_params / 1e6:.2f}M)"),
+        ("trainable params (+head)", f"{prof.trainable_params:,} ({prof.trainable_params / 1e6:.2f}M)"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{k:<{width}}  {v}" for k, v in rows] + [f"({prof.convention})"]
+    if per_site and prof.per_site:
+        lines.append("")
+        lines.append(f"{'site':<22}{'Nq':>6}{'Nk':>6}{'analytic G':>12}{'measured G':>12}{'params':>10}")
+        for s in prof.per_site:
+            lines.append(f"{s['site']:<22}{s['query_tokens']:>6}{s['key_tokens']:>6}{s['analytic_gmacs']:>12.4f}{s['measured_gmacs']:>12.4f}{s['updated_params']:>10,}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="apt-ray", description="APT and its peers on vision-language backbones.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("profile", help="FLOPs and parameter profile of a model + method")
+    p.add_argument("--model", default="tiny-meter", help="vilt-b32, meter-clip16-roberta, tiny-vilt, tiny-meter")
+    _add_method_args(p)
+    p.add_argument("--text-len", type=int, default=None, help="text tokens (default: the preset's)")
+    p.add_argument("--image-size", type=_image_hw, default=None, help="HxW (default: the preset's)")
+    p.add_argument("--per-site", action="store_true", help="also print the per-site breakdown")
+    p.add_argument("--json", action="store_true", help="print the JSON object instead of a table")
+    p.set_defaults(func=_profile)
+
+    for register in _EXTRA_COMMANDS:
+        register(sub)
+    return parser
+
+
+_EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"apt-ray {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"apt-ray {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

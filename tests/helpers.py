@@ -1,0 +1,25 @@
+"""Small builders shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+
+from apt_ray.models.presets import build_backbone, get_preset
+from apt_ray.models.vqa import VQAModel
+
+
+def tiny_model(name: str = "tiny-vilt", num_answers: int = 10, seed: int = 0) -> VQAModel:
+    torch.manual_seed(seed)
+    return VQAModel(build_backbone(name, vocab_size=64), num_answers)
+
+
+def tiny_batch(name: str = "tiny-vilt", batch: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
+    p = get_preset(name)
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(batch, p.text_len, dtype=torch.long)
+    mask[0, p.text_len // 2 :] = 0  # one padded example
+    return {
+        "input_ids": torch.randint(5, 64, (batch, p.text_len), generator=g),
+        "attention_mask": mask,
+        "pixel_values": torch.randn(batch, 3, *p.image_hw, generator=g),
+    }
