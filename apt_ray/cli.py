@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Callable, Sequence
+from typing import Sequence
 
 from pydantic import ValidationError
 
@@ -96,6 +96,81 @@ def format_profile(prof, per_site: bool = False) -> str:
     return "\n".join(lines)
 
 
+def _train(args: argparse.Namespace) -> int:
+    from apt_ray.config import build_train_config, parse_overrides
+
+    overrides = parse_overrides(args.overrides)
+    for key in ("model", "method", "data", "epochs", "checkpoint"):
+        value = getattr(args, key)
+        if value is not None:
+            overrides[key] = value
+    cfg = build_train_config(args.config, overrides)
+    if args.workers is not None:
+        from apt_ray.train.distributed import run_distributed
+
+        result = run_distributed(cfg, workers=args.workers, address=args.address, max_failures=args.max_failures,
+                                 use_gpu=args.gpus_per_worker > 0)
+    else:
+        from apt_ray.train.loop import Diverged, train_loop_per_worker
+
+        try:
+            result = train_loop_per_worker({**cfg.model_dump(), "_progress": True})
+        except Diverged as e:
+            _write_json(args.json_out, {"status": "diverged", "message": str(e), "global_step": e.step})
+            print(f"apt-ray train: {e}", file=sys.stderr)
+            return 1
+    print(format_result(result))
+    _write_json(args.json_out, result)
+    return 0
+
+
+def _write_json(path: str | None, data: dict) -> None:
+    """Write ``data`` to ``path`` atomically (never a half-written file over a good one)."""
+    if not path:
+        return
+    import os
+    from pathlib import Path
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, target)
+
+
+def format_result(result: dict) -> str:
+    """The final metrics of a training run as a small table."""
+    keys = [("val VQA score", "val_vqa_score", "{:.2f}"), ("majority baseline", "majority_baseline", "{:.2f}"),
+            ("additional GMACs", "additional_gmacs", "{:.4f}"), ("updated params", "updated_params", "{:,}"),
+            ("trainable params", "trainable_params", "{:,}"), ("epochs", "epochs", "{}"), ("global step", "global_step", "{}"),
+            ("samples/s", "samples_per_s", "{:.1f}"), ("restarts", "restarts", "{}")]
+    rows = [(label, fmt.format(result[k])) for label, k, fmt in keys if k in result]
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"{a:<{width}}  {b}" for a, b in rows)
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from apt_ray.config import build_train_config
+    from apt_ray.train.pretrain import DEFAULT_STEPS, ensure_pretrained, pretrain, pretrained_dir
+
+    overrides = {"model": args.model}
+    if args.data_path:
+        overrides["data_path"] = args.data_path
+    cfg = build_train_config(None, overrides)
+    if not cfg.model.startswith("tiny-"):
+        raise UserError(f"apt-ray pretrain builds the tiny presets only; {cfg.model} loads real weights with checkpoint=...")
+    steps = DEFAULT_STEPS if args.steps is None else args.steps
+    if steps < 1:
+        raise UserError(f"--steps {steps} is not allowed: give a positive number of steps.")
+    spec = cfg.data_spec()
+    if args.force:
+        path = pretrain(cfg.model, spec, pretrained_dir(cfg.model, spec, steps, args.seed), steps=steps, seed=args.seed)
+    else:
+        path = ensure_pretrained(cfg.model, spec, steps=steps, seed=args.seed)
+    print(f"pretrained {cfg.model}: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="apt-ray", description="APT and its peers on vision-language backbones.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -109,12 +184,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the JSON object instead of a table")
     p.set_defaults(func=_profile)
 
-    for register in _EXTRA_COMMANDS:
-        register(sub)
+    t = sub.add_parser("train", help="run one trial (standalone, or on Ray Train with --workers)")
+    t.add_argument("--config", default=None, help="flat YAML mapping of trial settings")
+    t.add_argument("--model", default=None)
+    t.add_argument("--method", default=None)
+    t.add_argument("--data", default=None, help="synthetic | vqav2_arrow | hf")
+    t.add_argument("--epochs", type=int, default=None)
+    t.add_argument("--checkpoint", default=None, help="backbone weights: transformers dir / hub id / METER .ckpt")
+    t.add_argument("--json-out", default=None, help="write the final metrics here as JSON")
+    t.add_argument("--workers", type=int, default=None, help="run on Ray Train with this many workers")
+    t.add_argument("--address", default=None, help="Ray cluster address (default: a local instance)")
+    t.add_argument("--max-failures", type=int, default=0, help="worker failures Ray Train may recover from")
+    t.add_argument("--gpus-per-worker", type=float, default=0, help="GPUs per Ray Train worker")
+    t.add_argument("overrides", nargs="*", help="key=value settings, e.g. lr=1e-3 num_prompts=32")
+    t.set_defaults(func=_train)
+
+    pt = sub.add_parser("pretrain", help="pretrain a tiny backbone on synthetic captions (MLM + ITM), cached")
+    pt.add_argument("--model", default="tiny-meter", help="tiny-meter or tiny-vilt")
+    pt.add_argument("--data-path", default=None, help="cache root (default $APT_RAY_CACHE or ~/.cache/apt_ray)")
+    pt.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the cached default backbone's)")
+    pt.add_argument("--seed", type=int, default=0)
+    pt.add_argument("--force", action="store_true", help="rebuild even if cached")
+    pt.set_defaults(func=_pretrain)
     return parser
-
-
-_EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
 
 
 def main(argv: Sequence[str] | None = None) -> int:

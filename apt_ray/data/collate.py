@@ -47,18 +47,21 @@ class ImageTransform:
 
     def __init__(self, size: int, mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5)):
         self.size = size
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        std_arr = np.asarray(std, dtype=np.float32)
+        # (x / 255 - mean) / std as one scale and shift per channel
+        self.scale = (1.0 / (255.0 * std_arr)).astype(np.float32)
+        self.shift = (np.asarray(mean, dtype=np.float32) / std_arr).astype(np.float32)
 
     def __call__(self, images: Sequence[bytes]) -> tuple[torch.Tensor, list[bool]]:
-        """Float tensor (k, 3, size, size) of the images that decoded, and which ones did."""
+        """Float tensor (k, 3, size, size) of the images that decoded, and which ones did.
+        The arithmetic runs in numpy, so it never competes for torch's intra-op threads."""
         arrays = [decode_image(b, self.size) for b in images]
         ok = [a is not None for a in arrays]
         good = [a for a in arrays if a is not None]
         if not good:
             return torch.empty(0, 3, self.size, self.size), ok
-        pixels = torch.from_numpy(np.stack(good)).permute(0, 3, 1, 2).float().div_(255.0)
-        return (pixels - self.mean) / self.std, ok
+        pixels = np.stack(good).astype(np.float32) * self.scale - self.shift  # (k, H, W, 3)
+        return torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))), ok
 
 
 def encode_texts(tokenizer: Any, texts: Sequence[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor, int]:

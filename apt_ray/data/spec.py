@@ -25,7 +25,7 @@ class DataSpec(BaseModel):
     (a Hugging Face `datasets` directory or hub id).
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid")
 
     kind: Literal["synthetic", "vqav2_arrow", "hf"] = "synthetic"
     path: str | None = Field(

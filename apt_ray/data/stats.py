@@ -76,7 +76,8 @@ class DataStats:
             parts.append(f"{self.pass_undecodable_images}/{self.pass_examples} undecodable images skipped")
         if self.pass_truncated_texts:
             parts.append(
-                f"{self.pass_truncated_texts}/{self.pass_examples} texts truncated to {self.max_text_len} tokens"
+                f"{self.pass_truncated_texts}/{self.pass_examples - self.pass_undecodable_images} texts "
+                f"truncated to {self.max_text_len} tokens"
             )
         return "; ".join(parts)
 

@@ -255,6 +255,29 @@ class ArrowVQASource(QASource):
 HF_REQUIRED = ("image", "question", "answers")
 
 
+def _answer_strings(column: pa.ChunkedArray) -> list[Any]:
+    """Per-question answers as Python lists, keeping only the `answer` text of answer records
+    (list<struct<answer, ...>> or struct<answer: list, ...>) so other fields are never converted."""
+    import pyarrow.compute as pc
+
+    out: list[Any] = []
+    for chunk in column.chunks:
+        kind = chunk.type
+        if (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and pa.types.is_struct(kind.value_type) \
+                and kind.value_type.get_field_index("answer") >= 0:
+            lengths = pc.list_value_length(chunk).fill_null(0).to_pylist()
+            texts = pc.struct_field(pc.list_flatten(chunk), "answer").to_pylist()
+            start = 0
+            for length in lengths:
+                out.append(texts[start:start + length])
+                start += length
+        elif pa.types.is_struct(kind) and kind.get_field_index("answer") >= 0:
+            out.extend(pc.struct_field(chunk, "answer").to_pylist())
+        else:
+            out.extend(chunk.to_pylist())
+    return out
+
+
 def _looks_like_hub_id(text: str) -> bool:
     return bool(_HUB_ID.match(text)) and not text.startswith((".", "~"))
 
@@ -332,12 +355,14 @@ class HFVQASource(QASource):
         if isinstance(dataset.features.get("image"), Image):
             dataset = dataset.cast_column("image", Image(decode=False))
         text_cols = [c for c in ("question", "answers", "question_id", "image_id") if c in columns]
-        table = dataset.select_columns(text_cols).to_dict()
+        table = dataset.select_columns(text_cols).with_format("arrow")[:]
         n = dataset.num_rows
-        self.questions = [str(q) for q in table["question"]]
-        self.answers = [_annotator_answers(a) for a in table["answers"]]
-        self.question_ids = [_as_int(v, i) for i, v in enumerate(table.get("question_id", range(n)))]
-        self.image_ids = [_as_int(v, -1) for v in table.get("image_id", [-1] * n)]
+        self.questions = [str(q) for q in table.column("question").to_pylist()]
+        self.answers = [_annotator_answers(a) for a in _answer_strings(table.column("answers"))]
+        qids = table.column("question_id").to_pylist() if "question_id" in text_cols else range(n)
+        iids = table.column("image_id").to_pylist() if "image_id" in text_cols else [-1] * n
+        self.question_ids = [_as_int(v, i) for i, v in enumerate(qids)]
+        self.image_ids = [_as_int(v, -1) for v in iids]
         self._images = dataset.select_columns(["image"])
 
     def image_bytes(self, index: int) -> bytes:

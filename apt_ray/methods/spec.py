@@ -6,7 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-METHOD_NAMES = ("apt", "deep_prompt", "kv_prompt", "lora", "adapter", "linear_probe", "full")
+MethodName = Literal["apt", "deep_prompt", "kv_prompt", "lora", "adapter", "linear_probe", "full"]
+METHOD_NAMES: tuple[str, ...] = MethodName.__args__
 
 
 class MethodSpec(BaseModel):
@@ -14,7 +15,7 @@ class MethodSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: Literal["apt", "deep_prompt", "kv_prompt", "lora", "adapter", "linear_probe", "full"] = "apt"
+    name: MethodName = "apt"
     num_prompts: int = Field(16, ge=1, description="prompts per site (apt, deep_prompt, kv_prompt)")
     rank: int = Field(4, ge=1, description="APT approximation rank; LoRA rank")
     depth: int | None = Field(None, ge=1, description="number of layers carrying the method (default: all)")

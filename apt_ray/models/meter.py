@@ -195,10 +195,14 @@ class MeterAttention(SiteAttention):
         self.num_heads = config.num_attention_heads
         self.attention_dropout = config.attention_probs_dropout_prob
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def projections(self) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
+        """``(W_q, W_k, W_v, W_o)``, looked up per call so that wrapped layers (LoRA) are used."""
         s = self.self
+        return s.query, s.key, s.value, self.output.dense
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         o = site_attention(
-            self, s.query, s.key, s.value, self.output.dense, x, y, self.num_heads,
+            self, *self.projections(), x, y, self.num_heads,
             mask=mask, dropout_p=self.attention_dropout if self.training else 0.0,
         )
         return self.output.LayerNorm(self.output.dropout(o) + x)
@@ -245,6 +249,8 @@ class MeterBackbone(nn.Module):
     """Two-stream METER: CLIP-ViT image tokens and RoBERTa text tokens fused by co-attention.
 
     Attention sites: per fusion layer, text self, text cross, image self, image cross.
+    Building under ``with torch.device("meta"):`` is instant (no weights are allocated) and
+    the forward runs on meta tensors too, e.g. for FLOP counting at the paper's shapes.
     """
 
     family = "meter"
@@ -347,9 +353,36 @@ class MeterBackbone(nn.Module):
         return 2 * self.config.hidden_size
 
     @property
-    def image_prompt_size(self) -> int:
-        """Width of the image prompt tokens (the vision encoder's width)."""
+    def input_prompt_dim(self) -> int:
+        """Width of the tokens :meth:`set_image_prompts` appends (the vision encoder's width)."""
         return int(self.config.vision_config["hidden_size"])
+
+    @property
+    def vocab_size(self) -> int:
+        """The text encoder's vocabulary size."""
+        return int(self.config.text_config["vocab_size"])
+
+    def analytic_macs(self, text_len: int, image_tokens: int, image_prompts: int = 0) -> int:
+        """Closed-form multiply-adds of one forward pass (matmuls, attention and the patch convolution)."""
+        c, v, t = self.config, self.config.vision_config, self.config.text_config
+        d, ff = c.hidden_size, c.intermediate_size
+        nt, ni = text_len, image_tokens + image_prompts
+
+        def encoder_layer(n: int, width: int, inter: int) -> int:
+            return 4 * n * width * width + 2 * n * n * width + 2 * n * width * inter
+
+        def fusion_stream(nq: int, nk: int) -> int:
+            self_attn = 4 * nq * d * d + 2 * nq * nq * d
+            cross = 2 * nq * d * d + 2 * nk * d * d + 2 * nq * nk * d
+            return self_attn + cross + 2 * nq * d * ff
+
+        wv, wt = int(v["hidden_size"]), int(t["hidden_size"])
+        vision = (image_tokens - 1) * 3 * int(v["patch_size"]) ** 2 * wv
+        vision += int(v["num_hidden_layers"]) * encoder_layer(ni, wv, int(v["intermediate_size"]))
+        text = int(t["num_hidden_layers"]) * encoder_layer(nt, wt, int(t["intermediate_size"]))
+        transforms = nt * wt * d + ni * wv * d
+        fusion = c.num_fusion_layers * (fusion_stream(nt, ni) + fusion_stream(ni, nt))
+        return vision + text + transforms + fusion + 2 * d * d
 
     def attention_sites(self) -> list[AttentionSite]:
         """Per fusion layer, in order: text self, text cross, image self, image cross."""
@@ -379,9 +412,9 @@ class MeterBackbone(nn.Module):
 
     def set_image_prompts(self, prompts: nn.Parameter | None) -> None:
         """Learnable (p, vision width) tokens appended to the image tokens after the patch embedding."""
-        if prompts is not None and (prompts.dim() != 2 or prompts.shape[-1] != self.image_prompt_size):
+        if prompts is not None and (prompts.dim() != 2 or prompts.shape[-1] != self.input_prompt_dim):
             raise UserError(
-                f"image prompts must have shape (p, {self.image_prompt_size}) for this METER backbone "
+                f"image prompts must have shape (p, {self.input_prompt_dim}) for this METER backbone "
                 f"(the vision encoder's width), got {tuple(prompts.shape)}."
             )
         self._image_prompts = () if prompts is None else (prompts,)
@@ -391,6 +424,12 @@ class MeterBackbone(nn.Module):
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """CLIP vision encoder on all tokens (CLS, patches, image prompts), ``ln_post`` on every token as in METER."""
         v = self.vision_encoder
+        size = self.config.image_size
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[-2:]) != (size, size):
+            raise UserError(
+                f"this METER backbone takes (B, 3, {size}, {size}) images, got pixel_values of shape "
+                f"{tuple(pixel_values.shape)}; resize images to the model's image_size (or build the model with another image_size)."
+            )
         h = v.embeddings(pixel_values, interpolate_pos_encoding=False)
         if self._image_prompts:
             p = self._image_prompts[0].to(h.dtype).unsqueeze(0).expand(h.shape[0], -1, -1)
@@ -406,6 +445,13 @@ class MeterBackbone(nn.Module):
         data-dependent shortcut runs: the forward also works on the meta device.
         """
         t = self.text_encoder
+        pad = t.config.pad_token_id or 0
+        if input_ids.shape[1] + pad + 1 > t.config.max_position_embeddings:
+            raise UserError(
+                f"text of {input_ids.shape[1]} tokens is longer than this METER text encoder takes "
+                f"({t.config.max_position_embeddings - pad - 1}); truncate texts to max_text_len={self.config.max_text_len} "
+                "(or build the model with a larger max_text_len)."
+            )
         h = t.embeddings(input_ids=input_ids)
         additive = (1.0 - attention_mask[:, None, None, :].to(h.dtype)) * torch.finfo(h.dtype).min
         return t.encoder(h, attention_mask=additive).last_hidden_state

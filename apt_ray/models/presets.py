@@ -44,7 +44,7 @@ def _vilt_b32(vocab_size: int | None) -> ViltConfig:
 def _tiny_vilt(vocab_size: int | None) -> ViltConfig:
     return ViltConfig(
         vocab_size=vocab_size or TINY_VOCAB, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-        intermediate_size=256, image_size=64, patch_size=8, max_position_embeddings=32, max_image_length=-1,
+        intermediate_size=256, image_size=64, patch_size=8, max_position_embeddings=24, max_image_length=-1,
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
     )
 
@@ -65,9 +65,9 @@ PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
         Preset("vilt-b32", "vilt", 40, (320, 640), 32, _vilt_b32, "ViLT-B/32 at the paper's VQA shapes (40 text + 200 patches + CLS)"),
-        Preset("tiny-vilt", "vilt", 32, (64, 64), 8, _tiny_vilt, "CPU-sized ViLT for the embedded default"),
+        Preset("tiny-vilt", "vilt", 24, (64, 64), 8, _tiny_vilt, "CPU-sized ViLT for the embedded default"),
         Preset("meter-clip16-roberta", "meter", 50, (384, 384), 16, _meter_paper, "METER (CLIP-ViT-B/16 + RoBERTa, 6 fusion layers), 50 text + 577 image tokens"),
-        Preset("tiny-meter", "meter", 32, (64, 64), 8, _tiny_meter, "CPU-sized METER for the embedded default"),
+        Preset("tiny-meter", "meter", 24, (64, 64), 8, _tiny_meter, "CPU-sized METER for the embedded default"),
     )
 }
 

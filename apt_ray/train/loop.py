@@ -1,0 +1,265 @@
+"""``train_loop_per_worker(config)``: one trial, alone or as a Ray Train worker.
+
+Builds data, backbone, method and optimiser from a flat config; trains with
+AdamW (warmup + cosine), gradient clipping and bf16 autocast on GPU; evaluates
+the VQA score every epoch; checkpoints trainable parameters, optimiser,
+scheduler, RNG and data position; reports per-epoch metrics to its session.
+Nothing here imports Ray: the Ray session is loaded only when Ray runs the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from apt_ray import methods
+from apt_ray.config import TrainConfig, build_train_config
+from apt_ray.data.build import build_data
+from apt_ray.data.metrics import vqa_score_sum
+from apt_ray.errors import UserError
+from apt_ray.models.heads import vqa_loss
+from apt_ray.models.presets import build_backbone, get_preset
+from apt_ray.models.vqa import VQAModel
+from apt_ray.profile import profile
+from apt_ray.train.checkpoint import load_checkpoint, save_checkpoint
+from apt_ray.train.session import LocalSession, Session
+
+log = logging.getLogger("apt_ray.train")
+BATCH_KEYS = ("input_ids", "attention_mask", "pixel_values")
+
+
+class Diverged(RuntimeError):
+    """The loss became NaN or infinite: the trial stops with status ``diverged``."""
+
+    def __init__(self, step: int, loss: float) -> None:
+        super().__init__(f"training diverged at step {step}: loss is {loss}. Lower the learning rate (lr) or the prompt count and run again.")
+        self.step, self.loss = step, loss
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UserError("device=cuda was asked for but no CUDA GPU is visible: use device=auto or device=cpu.")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and torch.distributed.is_initialized():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(choice)
+
+
+def load_backbone(cfg: TrainConfig, vocab_size: int) -> nn.Module:
+    """The backbone of a trial: a checkpoint, the self-pretrained tiny backbone, or random weights."""
+    preset = get_preset(cfg.model)
+    if cfg.checkpoint:
+        return build_backbone(cfg.model, cfg.checkpoint, vocab_size)
+    if cfg.pretrained and cfg.model.startswith("tiny-"):
+        if cfg.data != "synthetic":
+            raise UserError(
+                f"the self-pretrained {cfg.model} knows only the synthetic vocabulary, but data={cfg.data}: "
+                "pass checkpoint=... (a backbone trained for your tokenizer) or pretrained=false."
+            )
+        from apt_ray.train.pretrain import ensure_pretrained
+
+        return build_backbone(cfg.model, ensure_pretrained(cfg.model, cfg.data_spec()), vocab_size)
+    if cfg.pretrained:
+        log.warning("%s has no checkpoint: training on random backbone weights (pass checkpoint=... for real runs)", preset.name)
+    return build_backbone(cfg.model, None, vocab_size)
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _all_sum(values: list[float], device: torch.device) -> list[float]:
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+class Trainer:
+    """One trial's state and its epochs."""
+
+    def __init__(self, cfg: TrainConfig, session: Session, progress: bool = False) -> None:
+        self.cfg, self.session, self.progress = cfg, session, progress
+        seed_everything(cfg.seed)
+        self.device = pick_device(cfg.device)
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else torch.autocast("cpu", enabled=False)
+        self.data = build_data(cfg.data_spec(session.world_size, session.rank))
+        spec = cfg.method_spec()
+        self.model = VQAModel(load_backbone(cfg, len(self.data.tokenizer)), self.data.num_answers)
+        self.applied = methods.apply(self.model, spec)
+        self.model.to(self.device)
+        ds = self.data.spec
+        self.profile = profile(cfg.model, spec, text_len=ds.max_text_len, image_hw=(ds.image_size, ds.image_size), num_answers=self.data.num_answers)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.steps_per_epoch = len(self.data.train_loader)
+        self.total_steps = cfg.epochs * self.steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * self.steps_per_epoch)
+        self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, int(cfg.warmup_ratio * self.total_steps), self.total_steps)
+        self.net: nn.Module = self.model
+        if session.world_size > 1:
+            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.epoch, self.step_in_epoch, self.global_step, self.restarts = 0, 0, 0, 0
+        self.history: list[dict[str, Any]] = []
+        self.first_losses: list[float] = []  # losses of the first steps of this process (resume checks)
+
+    # -- state ---------------------------------------------------------------
+    def meta(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
+                "restarts": self.restarts, "history": self.history, "config": self.cfg.model_dump()}
+
+    def restore(self, directory: Path, restarted: bool) -> None:
+        meta = load_checkpoint(directory, self.model, self.optimizer, self.scheduler)
+        self.epoch, self.step_in_epoch, self.global_step = meta["epoch"], meta["step_in_epoch"], meta["global_step"]
+        self.history, self.restarts = meta["history"], meta.get("restarts", 0) + int(restarted)
+        log.info("resumed from %s at epoch %d, step %d", directory, self.epoch, self.global_step)
+
+    def _checkpoint(self, metrics: dict[str, Any]) -> None:
+        directory = None
+        if self.session.rank == 0:
+            directory = save_checkpoint(self.session.checkpoint_scratch() / f"step_{self.global_step:08d}", self.model, self.optimizer, self.scheduler, self.meta())
+        self.session.report(metrics, directory)
+
+    # -- steps ---------------------------------------------------------------
+    def _train_step(self, batch: dict[str, torch.Tensor]) -> float:
+        batch = _to(batch, self.device)
+        with self.autocast:
+            logits = self.net(*(batch[k] for k in BATCH_KEYS))
+        loss = vqa_loss(logits, batch["labels"])
+        value = loss.item()
+        if not math.isfinite(value):
+            raise Diverged(self.global_step + 1, value)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        return value
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.net.eval()
+        total, count = 0.0, 0
+        for batch in self.data.val_loader:
+            batch = _to(batch, self.device)
+            with self.autocast:
+                logits = self.net(*(batch[k] for k in BATCH_KEYS))
+            s, n = vqa_score_sum(logits.float(), batch["labels"])
+            total, count = total + s, count + n
+        total, count = _all_sum([total, count], self.device)
+        return 100.0 * total / max(count, 1)
+
+    def _maybe_inject_failure(self) -> None:
+        step = self.cfg.inject_failure_at_step
+        if step is None or self.global_step != step or self.session.rank != self.session.world_size - 1:
+            return
+        marker = self.session.checkpoint_scratch().parent / f".failure_injected_at_{step}"
+        if marker.exists():
+            return
+        marker.write_text("injected")
+        log.warning("injecting a worker failure at step %d (inject_failure_at_step)", step)
+        os._exit(17)
+
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg
+        resume = self.session.resume_checkpoint()
+        if resume is not None:
+            self.restore(resume, restarted=getattr(self.session, "is_restart", False))
+        bar = tqdm(total=self.total_steps, initial=self.global_step, desc=f"{cfg.method} on {cfg.model}", disable=not self.progress, unit="step")
+        while self.epoch < cfg.epochs and self.global_step < self.total_steps:
+            self.net.train()
+            loader = self.data.train_loader
+            loader.set_epoch(self.epoch)
+            losses, step_times, samples, t_epoch = [], [], 0, time.perf_counter()
+            for i, batch in enumerate(loader):
+                if i < self.step_in_epoch:
+                    continue  # resuming mid-epoch: same (seed, epoch) order, so skip what was done
+                t0 = time.perf_counter()
+                loss = self._train_step(batch)
+                step_times.append(time.perf_counter() - t0)
+                losses.append(loss)
+                samples += batch["input_ids"].shape[0]
+                self.global_step += 1
+                self.step_in_epoch = i + 1
+                if len(self.first_losses) < 8:
+                    self.first_losses.append(loss)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}")
+                self._maybe_inject_failure()
+                if self.global_step >= self.total_steps:
+                    break
+                if cfg.checkpoint_every_steps and self.global_step % cfg.checkpoint_every_steps == 0 and self.step_in_epoch < self.steps_per_epoch:
+                    self._checkpoint({"epoch": self.epoch, "global_step": self.global_step, "train_loss": statistics.fmean(losses), "partial_epoch": True})
+            elapsed = time.perf_counter() - t_epoch
+            samples = _all_sum([float(samples)], self.device)[0]
+            score = self.evaluate()
+            metrics = {
+                "epoch": self.epoch + 1, "global_step": self.global_step,
+                "train_loss": statistics.fmean(losses) if losses else float("nan"), "val_vqa_score": score,
+                "samples_per_s": samples / elapsed if elapsed > 0 else 0.0,
+                "step_time_ms": 1000 * statistics.median(step_times) if step_times else 0.0,
+                "lr": self.scheduler.get_last_lr()[0],
+            }
+            self.history.append(metrics)
+            self.epoch += 1
+            self.step_in_epoch = 0
+            self._checkpoint(metrics)
+            if self.progress:
+                bar.write(f"epoch {metrics['epoch']}: train loss {metrics['train_loss']:.4f}, val VQA score {score:.2f}, {metrics['samples_per_s']:.0f} samples/s")
+        bar.close()
+        return self.result()
+
+    def result(self) -> dict[str, Any]:
+        last = self.history[-1] if self.history else {}
+        return {
+            "status": "finished",
+            "model": self.cfg.model, "method": self.cfg.method,
+            "val_vqa_score": last.get("val_vqa_score", float("nan")),
+            "majority_baseline": self.data.majority_baseline,
+            "additional_gmacs": self.profile.additional_gmacs,
+            "analytic_additional_gmacs": self.profile.analytic_additional_gmacs,
+            "base_gmacs": self.profile.base_gmacs,
+            "updated_params": self.profile.updated_params,
+            "trainable_params": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
+            "epochs": len(self.history), "global_step": self.global_step,
+            "samples_per_s": statistics.fmean(h["samples_per_s"] for h in self.history) if self.history else 0.0,
+            "step_time_ms": statistics.fmean(h["step_time_ms"] for h in self.history) if self.history else 0.0,
+            "train_loss": last.get("train_loss", float("nan")),
+            "restarts": self.restarts, "world_size": self.session.world_size,
+            "history": self.history,
+        }
+
+
+def session_for(config: dict[str, Any], cfg: TrainConfig) -> Session:
+    if config.get("_ray"):
+        from apt_ray.train.ray_session import RaySession  # only under Ray Train
+
+        return RaySession()
+    return LocalSession(cfg.output_dir or "results/train", cfg.resume_from)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """Entry point of one trial (Ray Train's ``train_loop_per_worker``); returns the final metrics."""
+    cfg = build_train_config(overrides={k: v for k, v in config.items() if not k.startswith("_")})
+    session = session_for(config, cfg)
+    return Trainer(cfg, session, progress=bool(config.get("_progress"))).fit()

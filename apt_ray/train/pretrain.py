@@ -1,0 +1,132 @@
+"""Pretraining of the tiny backbones on synthetic captions: masked language modelling + image-text matching.
+
+The embedded default needs a backbone that already links words to pixels, or
+prompt tuning on top of it would show nothing. ``ensure_pretrained`` builds one
+on first use (reproducibly from its seed) and caches it; concurrent callers
+wait on a file lock, and the cache entry is written aside then renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from apt_ray.data.build import build_caption_loader, ensure_synthetic, load_tokenizer
+from apt_ray.data.spec import DataSpec
+from apt_ray.errors import UserError
+from apt_ray.models.presets import build_backbone, get_preset
+
+PRETRAIN_VERSION = 1
+DEFAULT_STEPS = 1200
+MLM_PROB = 0.15
+
+
+class PretrainHeads(nn.Module):
+    """MLM over text states and a 2-way matching head over pooled features."""
+
+    def __init__(self, hidden: int, pooled: int, vocab: int) -> None:
+        super().__init__()
+        self.mlm = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.LayerNorm(hidden), nn.Linear(hidden, vocab))
+        self.itm = nn.Linear(pooled, 2)
+
+
+def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, tokenizer, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT-style masking of ``MLM_PROB`` of the real tokens (never [CLS]/[SEP]/[PAD]); labels -100 elsewhere."""
+    special = torch.zeros_like(input_ids, dtype=torch.bool)
+    for tid in (tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id):
+        if tid is not None:
+            special |= input_ids == tid
+    candidates = attention_mask.bool() & ~special
+    chosen = (torch.rand(input_ids.shape, generator=generator) < MLM_PROB) & candidates
+    # at least one masked token per caption, so every example teaches something
+    none = ~chosen.any(dim=1) & candidates.any(dim=1)
+    if none.any():
+        first = candidates.float().argmax(dim=1)
+        chosen[none, first[none]] = True
+    labels = torch.where(chosen, input_ids, torch.full_like(input_ids, -100))
+    masked = input_ids.clone()
+    masked[chosen] = tokenizer.mask_token_id
+    return masked, labels
+
+
+def pretrain(model: str, spec: DataSpec, out_dir: str | Path, steps: int = DEFAULT_STEPS, batch_size: int = 64,
+             lr: float = 1e-3, seed: int = 0, progress: bool = True) -> Path:
+    """Pretrain ``model`` (a tiny preset) for ``steps`` and ``save_pretrained`` it into ``out_dir`` atomically."""
+    preset = get_preset(model)
+    tokenizer = load_tokenizer(spec)
+    torch.manual_seed(seed)
+    backbone = build_backbone(model, None, len(tokenizer))
+    heads = PretrainHeads(backbone.hidden_size, backbone.pooled_size, len(tokenizer))
+    loader = build_caption_loader(spec, batch_size=batch_size, max_text_len=preset.text_len)
+    params = list(backbone.parameters()) + list(heads.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, steps // 10, steps)
+    generator = torch.Generator().manual_seed(seed)
+    backbone.train()
+    step, epoch = 0, 0
+    bar = tqdm(total=steps, desc=f"pretraining {model} (MLM+ITM)", disable=not progress, unit="step")
+    while step < steps:
+        loader.set_epoch(epoch)
+        for batch in loader:
+            ids, mask, pixels = batch["input_ids"], batch["attention_mask"], batch["pixel_values"]
+            b = ids.shape[0]
+            # image-text matching: half the pairs get another example's image
+            mismatched = torch.rand(b, generator=generator) < 0.5
+            shift = torch.randint(1, max(b, 2), (1,), generator=generator).item()
+            pixels = torch.where(mismatched[:, None, None, None], pixels.roll(shift, 0), pixels)
+            masked, labels = mask_tokens(ids, mask, tokenizer, generator)
+            labels[mismatched] = -100  # MLM only where the image matches the caption
+            out = backbone.encode(masked, mask, pixels)
+            mlm = nn.functional.cross_entropy(heads.mlm(out.text_states).flatten(0, 1), labels.flatten(), ignore_index=-100)
+            itm = nn.functional.cross_entropy(heads.itm(out.pooled), mismatched.long())
+            loss = mlm + itm
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            bar.update(1)
+            bar.set_postfix(mlm=f"{mlm.item():.3f}", itm=f"{itm.item():.3f}")
+            if step >= steps:
+                break
+        epoch += 1
+    bar.close()
+    final = Path(out_dir)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    backbone.save_pretrained(tmp)
+    (tmp / "pretrain.json").write_text(json.dumps({"model": model, "steps": steps, "seed": seed, "batch_size": batch_size, "lr": lr,
+                                                   "final_mlm_loss": mlm.item(), "final_itm_loss": itm.item(), "version": PRETRAIN_VERSION}))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def pretrained_dir(model: str, spec: DataSpec, steps: int = DEFAULT_STEPS, seed: int = 0) -> Path:
+    data = ensure_synthetic(spec)
+    return spec.cache_root() / "pretrained" / f"{model}-v{PRETRAIN_VERSION}-{data.name}-steps{steps}-seed{seed}"
+
+
+def ensure_pretrained(model: str, spec: DataSpec, steps: int = DEFAULT_STEPS, seed: int = 0, progress: bool = True) -> Path:
+    """The cached pretrained backbone for ``model`` on the synthetic set of ``spec``; built on first use."""
+    if not model.startswith("tiny-"):
+        raise UserError(f"only the tiny presets are pretrained by apt_ray; for {model} pass checkpoint=... (a transformers directory, hub id or METER .ckpt).")
+    spec = spec.model_copy(update={"world_size": 1, "rank": 0})
+    target = pretrained_dir(model, spec, steps, seed)
+    if (target / "pretrain.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if not (target / "pretrain.json").is_file():
+            pretrain(model, spec, target, steps=steps, seed=seed, progress=progress)
+    return target
