@@ -254,6 +254,7 @@ class MeterBackbone(nn.Module):
     """
 
     family = "meter"
+    base_model_prefix = ""  # read by peft (LoRA) on models whose config has a model_type
 
     def __init__(self, config: MeterConfig) -> None:
         super().__init__()

@@ -1,6 +1,8 @@
 """Trial checkpoints: trainable parameters only, optimiser, scheduler, RNG and position.
 
-Weights are safetensors; everything else loads with ``torch.load(weights_only=True)``.
+Weights are safetensors, split into the method's (``method.safetensors``,
+reusable on another task) and the task head's (``head.safetensors``); everything
+else loads with ``torch.load(weights_only=True)``.
 A checkpoint directory is written aside and renamed into place, so a crash never
 leaves a half-written one that looks complete.
 """
@@ -21,14 +23,19 @@ from torch import nn
 
 from apt_ray.errors import UserError
 
-WEIGHTS = "trainable.safetensors"
+METHOD_WEIGHTS = "method.safetensors"
+HEAD_WEIGHTS = "head.safetensors"
 STATE = "training_state.pt"
 META = "meta.json"
 
 
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Only what training changes: parameters with ``requires_grad``."""
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+def trainable_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Only what training changes (parameters with ``requires_grad``): the method's, then the head's."""
+    method, head = {}, {}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            (head if n.startswith("head.") else method)[n] = p.detach().cpu().contiguous()
+    return method, head
 
 
 def rng_state() -> dict[str, Any]:
@@ -55,7 +62,9 @@ def save_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.op
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(trainable_state(model), str(tmp / WEIGHTS))
+    method, head = trainable_state(model)
+    save_file(method, str(tmp / METHOD_WEIGHTS))
+    save_file(head, str(tmp / HEAD_WEIGHTS))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}, tmp / STATE)
     (tmp / META).write_text(json.dumps(meta, indent=2, default=str))
     if final.exists():
@@ -66,16 +75,16 @@ def save_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.op
 
 def is_checkpoint(directory: str | Path) -> bool:
     d = Path(directory)
-    return all((d / f).is_file() for f in (WEIGHTS, STATE, META))
+    return all((d / f).is_file() for f in (METHOD_WEIGHTS, HEAD_WEIGHTS, STATE, META))
 
 
 def load_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None, restore_rng: bool = True) -> dict[str, Any]:
     """Restore a checkpoint into ``model`` (and optimiser/scheduler/RNG); returns its meta."""
     d = Path(directory)
     if not is_checkpoint(d):
-        raise UserError(f"'{d}' is not an apt_ray checkpoint (needs {WEIGHTS}, {STATE} and {META}): pass a checkpoint directory.")
+        raise UserError(f"'{d}' is not an apt_ray checkpoint (needs {METHOD_WEIGHTS}, {HEAD_WEIGHTS}, {STATE} and {META}): pass a checkpoint directory.")
     try:
-        weights = load_file(str(d / WEIGHTS))
+        weights = {**load_file(str(d / METHOD_WEIGHTS)), **load_file(str(d / HEAD_WEIGHTS))}
         state = torch.load(d / STATE, map_location="cpu", weights_only=True)
         meta = json.loads((d / META).read_text())
     except Exception as e:  # a corrupt file is the user's to fix, not a crash
@@ -100,5 +109,6 @@ def load_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.op
     return meta
 
 
-def checkpoint_size_bytes(directory: str | Path) -> int:
-    return (Path(directory) / WEIGHTS).stat().st_size
+def method_size_bytes(directory: str | Path) -> int:
+    """Size of the method's own weights in a checkpoint."""
+    return (Path(directory) / METHOD_WEIGHTS).stat().st_size

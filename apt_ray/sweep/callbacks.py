@@ -1,0 +1,69 @@
+"""Driver-side MLflow hooks of a sweep.
+
+``RejectedRunLogger`` gives an over-budget proposal its child run (KILLED,
+status ``over_budget``: never trained). ``RunCloser`` is a Tune callback that
+closes child runs their trial could not close: trials stopped early by ASHA
+(their process is ended by Tune) and trials whose process died.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ray.tune import Callback
+
+from apt_ray.sweep.budget import Verdict
+from apt_ray.sweep.trial import SweepContext, child_tags
+from apt_ray.tracking.mlflow import STATUS_TAG, Tracker
+
+log = logging.getLogger("apt_ray.sweep")
+
+
+class RejectedRunLogger:
+    """Records one over-budget proposal as a child run with its params and closed-form cost."""
+
+    def __init__(self, ctx: SweepContext, base_config: dict[str, Any]) -> None:
+        self.ctx, self.base = ctx, dict(base_config)
+
+    def __call__(self, number: int, params: dict[str, Any], verdict: Verdict) -> None:
+        tracker = Tracker(self.ctx.tracking_uri)
+        trial_id = f"over_budget_{number:04d}"
+        try:
+            if tracker.find_child(self.ctx.experiment_id, self.ctx.parent_run_id, trial_id) is not None:
+                return
+            run_id = tracker.create_run(self.ctx.experiment_id, trial_id, child_tags(self.ctx, trial_id, "over_budget"))
+            tracker.log_params(run_id, {**self.base, **params, **self.ctx.resource_params()})
+            tracker.log_metrics(run_id, {"additional_gmacs": verdict.additional_gmacs, "updated_params": verdict.updated_params})
+            tracker.set_tags(run_id, {"failure_reason": verdict.reason, "optuna_trial_number": number})
+            tracker.finish(run_id, "KILLED")
+        except Exception as e:  # noqa: BLE001 - the search goes on without this record
+            log.warning("could not record over-budget proposal %d in MLflow: %s", number, e)
+
+
+class RunCloser(Callback):
+    """Closes a trial's child run when the trial ended but the run is still RUNNING."""
+
+    def __init__(self, ctx: SweepContext) -> None:
+        self.ctx = ctx
+
+    def _close(self, trial: Any, status: str, run_status: str, reason: str | None = None) -> None:
+        tracker = Tracker(self.ctx.tracking_uri)
+        try:
+            run = tracker.find_child(self.ctx.experiment_id, self.ctx.parent_run_id, trial.trial_id)
+            if run is None or run.info.status != "RUNNING":
+                return
+            tags = {STATUS_TAG: status}
+            if reason:
+                tags["failure_reason"] = reason
+            tracker.set_tags(run.info.run_id, tags)
+            tracker.finish(run.info.run_id, run_status)
+        except Exception as e:  # noqa: BLE001 - never break the sweep over bookkeeping
+            log.warning("could not close the MLflow run of trial %s: %s", trial.trial_id, e)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._close(trial, "stopped_early", "FINISHED")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        message = getattr(trial, "error_message", None) or "the trial process ended with an error"
+        self._close(trial, "failed", "FAILED", str(message).strip().splitlines()[-1][:1000] if str(message).strip() else None)

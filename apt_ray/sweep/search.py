@@ -1,0 +1,94 @@
+"""``OptunaSearch`` with a FLOPs budget: over-budget proposals are told to Optuna as pruned and never become trials.
+
+The Optuna study lives in an RDB storage (sqlite beside the sweep's results),
+so it survives restarts and can be opened later with ``optuna.load_study``.
+Failed trials are told as FAIL even when they reported an epoch before failing.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Protocol
+
+from ray.tune.search import Searcher
+from ray.tune.search.optuna import OptunaSearch
+
+from apt_ray.sweep.budget import Verdict, check_budget
+from apt_ray.sweep.spec import StudySpec
+
+log = logging.getLogger("apt_ray.sweep")
+MAX_REJECTIONS = 500
+
+
+class RejectionSink(Protocol):
+    def __call__(self, number: int, params: dict[str, Any], verdict: Verdict) -> None: ...
+
+
+def optuna_storage(url: str) -> Any:
+    """An Optuna RDB storage for ``url`` (e.g. ``sqlite:////abs/optuna.db``)."""
+    import optuna
+
+    return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 30}} if url.startswith("sqlite") else None)
+
+
+class BudgetedOptunaSearch(OptunaSearch):
+    """TPE (multi-objective when the study has several objectives) that skips configurations over the budget."""
+
+    def __init__(self, spec: StudySpec, storage: Any, on_rejected: RejectionSink | None = None) -> None:
+        from apt_ray.sweep.space import optuna_distributions
+
+        metric: Any = spec.metrics if spec.multi_objective else spec.metrics[0]
+        mode: Any = spec.modes if spec.multi_objective else spec.modes[0]
+        super().__init__(space=optuna_distributions(spec.space()), metric=metric, mode=mode, study_name=spec.name,
+                         storage=storage, seed=spec.seed)
+        self._base = spec.base_config()
+        self._limit = spec.max_additional_gmacs
+        self._spec = spec
+        self._on_rejected = on_rejected
+        self.rejected = 0
+        self.exhausted = False
+
+    def suggest(self, trial_id: str) -> dict | None:
+        for _ in range(MAX_REJECTIONS):
+            params = super().suggest(trial_id)
+            if params is None or params == Searcher.FINISHED:
+                return params
+            verdict = check_budget(self._spec.train_config(params), self._limit)
+            ot_trial = self._ot_trials[trial_id]
+            ot_trial.set_user_attr("additional_gmacs", verdict.additional_gmacs)
+            ot_trial.set_user_attr("tune_trial_id", trial_id)
+            if verdict.within:
+                return params
+            # over budget: recorded as pruned in the study, never trained; ask again for this trial slot
+            ot_trial.set_user_attr("status", "over_budget")
+            self._ot_study.tell(ot_trial, state=_pruned())
+            del self._ot_trials[trial_id]
+            self.rejected += 1
+            log.info("Optuna trial %d is over the FLOPs budget (%.4g > %g GMACs): pruned before training",
+                     ot_trial.number, verdict.additional_gmacs, self._limit)
+            if self._on_rejected is not None:
+                self._on_rejected(ot_trial.number, params, verdict)
+        self.exhausted = True
+        log.warning("%d proposals in a row were over the FLOPs budget: stopping the search", MAX_REJECTIONS)
+        return Searcher.FINISHED
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if error and trial_id in self._ot_trials and trial_id not in self._completed_trials:
+            ot_trial = self._ot_trials[trial_id]
+            ot_trial.set_user_attr("status", "failed")
+            self._ot_study.tell(ot_trial, state=_failed())
+            self._completed_trials.add(trial_id)
+            return
+        super().on_trial_complete(trial_id, result, error)
+
+
+def _pruned() -> Any:
+    from optuna.trial import TrialState
+
+    return TrialState.PRUNED
+
+
+def _failed() -> Any:
+    from optuna.trial import TrialState
+
+    return TrialState.FAIL

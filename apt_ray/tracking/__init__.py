@@ -1,0 +1,1 @@
+"""Experiment tracking (MLflow): parent run per sweep, nested child run per trial."""

@@ -1,0 +1,109 @@
+"""The session of a training loop run by Ray Train (V2) as one worker of a TorchTrainer.
+
+Ranks come from ``ray.train.get_context()``; the checkpoint to resume from is the
+one Ray Train restores after a worker-group restart (``ray.train.get_checkpoint()``);
+reports go through ``ray.train.report``, which every rank calls (it is a barrier)
+while only rank 0 attaches a checkpoint. Imported only inside Ray Train workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import torch
+
+from apt_ray.train.session import latest_checkpoint
+
+log = logging.getLogger("apt_ray.train")
+WORK_DIR = ".apt_ray"  # inside the run's directory: survives worker restarts
+
+
+def _worker_threads() -> int:
+    """Threads a worker may use: the CPUs Ray reserved for it (Ray mirrors them in OMP_NUM_THREADS)."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    return max(1, math.floor(cpus))
+
+
+class RaySession:
+    """A Ray Train worker: rank, world size, restored checkpoint, reports."""
+
+    wait_for_commit: bool = True  # make each reported checkpoint durable before training on
+
+    def __init__(self, resume_from: str | Path | None = None) -> None:
+        ctx = ray.train.get_context()
+        self.world_size: int = ctx.get_world_size()
+        self.rank: int = ctx.get_world_rank()
+        self.experiment_name: str = ctx.get_experiment_name()
+        self._work_dir = self._pick_work_dir(ctx)
+        self._restored = ray.train.get_checkpoint()
+        self.is_restart: bool = self._restored is not None
+        self.resume_from = resume_from
+        torch.set_num_threads(_worker_threads())
+
+    def _pick_work_dir(self, ctx: Any) -> Path:
+        """The run's directory when storage is a local (or NFS) path, else the node's Ray session dir."""
+        storage = ctx.get_storage()
+        if getattr(storage.storage_filesystem, "type_name", "") == "local":
+            base = Path(storage.experiment_fs_path)
+        else:
+            try:
+                base = Path(storage.local_working_directory)
+            except Exception:  # noqa: BLE001 - any failure: fall back to a node-local temp dir
+                base = Path(tempfile.gettempdir()) / "apt_ray" / self.experiment_name
+        path = base / WORK_DIR
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def resume_checkpoint(self) -> Path | None:
+        """The checkpoint Ray Train restored (after a failure), else ``resume_from``, else None."""
+        if self._restored is None:
+            if self.resume_from is None:
+                return None
+            found = latest_checkpoint(self.resume_from)
+            if found is None:
+                from apt_ray.errors import UserError
+
+                raise UserError(f"resume_from '{self.resume_from}' holds no checkpoint: pass a checkpoint directory or an output_dir with checkpoints/step_*.")
+            return found
+        if getattr(self._restored.filesystem, "type_name", "") == "local" and Path(self._restored.path).is_dir():
+            return Path(self._restored.path)
+        target = self._work_dir / f"restore-rank{self.rank}"
+        shutil.rmtree(target, ignore_errors=True)
+        return Path(self._restored.to_directory(str(target)))
+
+    def checkpoint_scratch(self) -> Path:
+        """Where rank 0 writes ``step_N`` before reporting it (its parent outlives worker restarts)."""
+        d = self._work_dir / "scratch"
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None) -> None:
+        """Report on every rank (a barrier); rank 0 attaches the checkpoint, deleted locally once persisted.
+
+        Ray Train's controller collects reports when it next polls the workers; a worker
+        failure before that poll loses the report. So after attaching a checkpoint, rank 0
+        waits until the controller has committed it: a restart then resumes from it.
+        """
+        clean = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()}
+        if checkpoint_dir is None:
+            ray.train.report(clean)
+            return
+        ray.train.report(
+            clean,
+            checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint_dir)),
+            checkpoint_dir_name=Path(checkpoint_dir).name,
+            delete_local_checkpoint_after_upload=True,
+        )
+        if self.wait_for_commit:
+            ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)

@@ -1,0 +1,34 @@
+"""Shared fixtures: a temporary data cache, and one local Ray instance for the integration tests."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """``APT_RAY_CACHE`` pointed at one temporary folder for the whole session (data built once)."""
+    path = tmp_path_factory.mktemp("apt_ray_cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("APT_RAY_CACHE", str(path))
+        yield path
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(ray_cache: Path) -> Iterator[None]:
+    """One local Ray instance (2 CPUs, no dashboard) shared by the tests that need Ray."""
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        yield
+        return
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
+             runtime_env={"worker_process_setup_hook": "apt_ray.train.distributed.quiet_ray_logs"})
+    try:
+        yield
+    finally:
+        ray.shutdown()

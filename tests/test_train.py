@@ -1,0 +1,121 @@
+"""The training loop: it learns, it is reproducible, and it resumes exactly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from apt_ray.cli import main
+from apt_ray.config import build_train_config
+from apt_ray.train.checkpoint import HEAD_WEIGHTS, METHOD_WEIGHTS, method_size_bytes
+from apt_ray.train.loop import Trainer, train_loop_per_worker
+from apt_ray.train.session import LocalSession, latest_checkpoint
+
+TINY = dict(model="tiny-vilt", pretrained=False, num_train_images=48, num_val_images=12, questions_per_image=2,
+            batch_size=8, epochs=2, lr=3e-3, method="apt", num_prompts=4)
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("APT_RAY_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def _run(tmp_path: Path, **kw) -> dict:
+    return train_loop_per_worker({**TINY, "output_dir": str(tmp_path), **kw})
+
+
+def test_same_seed_same_metrics(tmp_path):
+    a = _run(tmp_path / "a", max_steps=4)
+    b = _run(tmp_path / "b", max_steps=4)
+    c = _run(tmp_path / "c", max_steps=4, seed=1)
+    assert a["history"][-1]["train_loss"] == b["history"][-1]["train_loss"]
+    assert a["val_vqa_score"] == b["val_vqa_score"]
+    assert a["history"][-1]["train_loss"] != c["history"][-1]["train_loss"]
+
+
+def test_short_run_lowers_the_loss(tmp_path):
+    cfg = build_train_config(overrides={**TINY, "epochs": 3, "output_dir": str(tmp_path), "lr": 5e-3, "method": "linear_probe"})
+    trainer = Trainer(cfg, LocalSession(tmp_path))
+    result = trainer.fit()
+    losses = [h["train_loss"] for h in result["history"]]
+    assert losses[-1] < losses[0]
+    assert result["global_step"] == 3 * trainer.steps_per_epoch
+
+
+def test_resume_continues_at_the_same_step_with_the_same_next_loss(tmp_path):
+    cfg = build_train_config(overrides={**TINY, "output_dir": str(tmp_path / "full")})
+    uninterrupted = Trainer(cfg, LocalSession(tmp_path / "full"))
+    per_epoch = uninterrupted.steps_per_epoch
+    losses: list[float] = []
+    step = uninterrupted._train_step
+    uninterrupted._train_step = lambda batch: losses.append(step(batch)) or losses[-1]  # type: ignore[method-assign]
+    result_full = uninterrupted.fit()
+
+    # The epoch-1 checkpoint is what a run killed during epoch 2 leaves behind.
+    ckpt = tmp_path / "full" / "checkpoints" / f"step_{per_epoch:08d}"
+    assert latest_checkpoint(ckpt) == ckpt
+    resumed = Trainer(cfg, LocalSession(tmp_path / "resumed", resume_from=ckpt))
+    result = resumed.fit()
+    assert result["global_step"] == result_full["global_step"] == 2 * per_epoch
+    assert resumed.first_losses[0] == pytest.approx(losses[per_epoch], rel=1e-6)
+    assert result["history"][1]["train_loss"] == pytest.approx(result_full["history"][1]["train_loss"], rel=1e-6)
+    assert result["val_vqa_score"] == pytest.approx(result_full["val_vqa_score"])
+
+
+def test_method_only_checkpoint_is_small(tmp_path):
+    _run(tmp_path, max_steps=1, epochs=1)
+    ckpt = latest_checkpoint(tmp_path)
+    from apt_ray.models.presets import build_backbone
+
+    backbone = build_backbone("tiny-vilt", vocab_size=64)
+    backbone_bytes = sum(p.numel() * p.element_size() for p in backbone.parameters())
+    assert method_size_bytes(ckpt) < 0.05 * backbone_bytes
+    from safetensors.torch import load_file
+
+    method, head = set(load_file(str(ckpt / METHOD_WEIGHTS))), set(load_file(str(ckpt / HEAD_WEIGHTS)))
+    assert method and all("site_methods" in n for n in method)  # APT's per-site parameters, no backbone weight
+    assert head and all(n.startswith("head.") for n in head)
+
+
+def test_cli_train_writes_json(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    args = ["train", "--model", "tiny-vilt", "--method", "linear_probe", "--epochs", "1", "--json-out", str(out)]
+    args += [f"{k}={v}" for k, v in TINY.items() if k not in ("model", "method", "epochs")] + [f"output_dir={tmp_path}", "max_steps=2"]
+    assert main(args) == 0
+    data = json.loads(out.read_text())
+    for key in ("val_vqa_score", "majority_baseline", "additional_gmacs", "updated_params", "epochs", "global_step", "samples_per_s"):
+        assert key in data
+    assert data["global_step"] == 2 and data["updated_params"] == 0
+    assert "val VQA score" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["lr=-1"], "lr=-1"),
+        (["epochs=0"], "epochs=0"),
+        (["batch_size=0"], "batch_size=0"),
+        (["num_promtps=3"], "did you mean 'num_prompts'"),
+        (["--method", "prefix"], "method"),
+        (["--model", "bert"], "unknown model"),
+        (["depth=99"], "depth 99"),
+        (["resume_from=/nonexistent/x"], "holds no checkpoint"),
+        (["data=vqav2_arrow", "data_path=/nonexistent", "pretrained=false"], "nonexistent"),
+        (["--config", "/nonexistent.yaml"], "does not exist"),
+        (["notakeyvalue"], "key=value"),
+    ],
+)
+def test_cli_train_refuses_bad_input(tmp_path, capsys, args, needle):
+    assert main(["train", "--model", "tiny-vilt", "pretrained=false", f"output_dir={tmp_path}", *args]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+
+
+def test_config_file_must_be_a_mapping(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("- a\n- b\n")
+    assert main(["train", "--config", str(cfg)]) == 2
+    assert "not a mapping" in capsys.readouterr().err
