@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from peft import LoraConfig, inject_adapter_in_model
-
 from apt_ray.methods.base import AppliedMethod, prepare
 from apt_ray.methods.spec import MethodSpec
 from apt_ray.models.vqa import VQAModel
 
 
 def apply(model: VQAModel, spec: MethodSpec) -> AppliedMethod:
+    from peft import LoraConfig, inject_adapter_in_model  # heavy import, only when LoRA is used
+
     layers, sites = prepare(model, spec)
     backbone = model.backbone
     names = {id(m): n for n, m in backbone.named_modules()}

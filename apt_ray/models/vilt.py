@@ -84,6 +84,10 @@ class ViltBackbone(nn.Module):
         return {"joint": text_len + image_tokens + self.num_image_prompts}
 
     @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
     def input_prompt_dim(self) -> int:
         """Width of the tokens :meth:`set_image_prompts` appends."""
         return self.config.hidden_size

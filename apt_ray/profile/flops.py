@@ -105,14 +105,17 @@ def profile(
     image_hw = tuple(image_hw or preset.image_hw)
     image_tokens = (image_hw[0] // preset.patch_size) * (image_hw[1] // preset.patch_size) + 1
     torch.manual_seed(seed)
-    vqa = VQAModel(build_backbone(model), num_answers)
-    backbone = vqa.backbone
-    inputs = dummy_inputs(backbone.config.vocab_size if hasattr(backbone.config, "vocab_size") else backbone.vocab_size, text_len, image_hw, seed)
-
-    base, base_modules = measure_macs(vqa, inputs)
-    applied = methods.apply(vqa, method)
-    torch.manual_seed(seed)
-    total, total_modules = measure_macs(vqa, inputs)
+    # Counting needs shapes, not values: METER runs on the meta device (no memory, no compute).
+    # ViLT's patch sampling is data-dependent, so it runs on the CPU.
+    device = torch.device("meta") if preset.family == "meter" else torch.device("cpu")
+    with device:
+        vqa = VQAModel(build_backbone(model), num_answers)
+        backbone = vqa.backbone
+        inputs = {k: v.to(device) for k, v in dummy_inputs(backbone.vocab_size, text_len, image_hw, seed).items()}
+        base, base_modules = measure_macs(vqa, inputs)
+        applied = methods.apply(vqa, method)
+        torch.manual_seed(seed)
+        total, total_modules = measure_macs(vqa, inputs)
 
     lengths = backbone.stream_lengths(text_len, image_tokens)
     analytic = applied.analytic_breakdown(text_len, image_tokens, lengths)
