@@ -105,20 +105,21 @@ def _train(args: argparse.Namespace) -> int:
         if value is not None:
             overrides[key] = value
     cfg = build_train_config(args.config, overrides)
-    if args.workers is not None:
-        from apt_ray.train.distributed import run_distributed
+    from apt_ray.train.loop import Diverged, train_loop_per_worker
 
-        result = run_distributed(cfg, workers=args.workers, address=args.address, max_failures=args.max_failures,
-                                 use_gpu=args.gpus_per_worker > 0)
-    else:
-        from apt_ray.train.loop import Diverged, train_loop_per_worker
+    try:
+        if args.workers is not None:
+            from apt_ray.train.distributed import run_distributed
 
-        try:
+            resources = {"CPU": 1, "GPU": args.gpus_per_worker} if args.gpus_per_worker > 0 else None
+            result = run_distributed(cfg, workers=args.workers, address=args.address, max_failures=args.max_failures,
+                                     use_gpu=args.gpus_per_worker > 0, resources_per_worker=resources)
+        else:
             result = train_loop_per_worker({**cfg.model_dump(), "_progress": True})
-        except Diverged as e:
-            _write_json(args.json_out, {"status": "diverged", "message": str(e), "global_step": e.step})
-            print(f"apt-ray train: {e}", file=sys.stderr)
-            return 1
+    except Diverged as e:
+        _write_json(args.json_out, {"status": "diverged", "message": str(e), "global_step": e.step})
+        print(f"apt-ray train: {e}", file=sys.stderr)
+        return 1
     print(format_result(result))
     _write_json(args.json_out, result)
     return 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,7 +24,6 @@ def ray_cluster(ray_cache: Path) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
              runtime_env={"worker_process_setup_hook": "apt_ray.train.distributed.quiet_ray_logs"})
     try:

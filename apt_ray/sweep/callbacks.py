@@ -20,6 +20,16 @@ from apt_ray.tracking.mlflow import STATUS_TAG, Tracker
 log = logging.getLogger("apt_ray.sweep")
 
 
+def trial_error(trial: Any) -> str:
+    """The last line of a Tune trial's error (its exception message), or a generic phrase."""
+    try:
+        text = str(trial.get_error() or "")
+    except Exception:  # noqa: BLE001 - the error file may be missing or unreadable
+        text = ""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1][:1000] if lines else "the trial process ended with an error"
+
+
 class RejectedRunLogger:
     """Records one over-budget proposal as a child run with its params and closed-form cost."""
 
@@ -65,5 +75,36 @@ class RunCloser(Callback):
         self._close(trial, "stopped_early", "FINISHED")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        message = getattr(trial, "error_message", None) or "the trial process ended with an error"
-        self._close(trial, "failed", "FAILED", str(message).strip().splitlines()[-1][:1000] if str(message).strip() else None)
+        self._close(trial, "failed", "FAILED", trial_error(trial))
+
+
+class ProgressLine(Callback):
+    """One line per trial start and end on the driver's stdout (Tune's own tables are switched off)."""
+
+    KNOBS = (("num_prompts", "p"), ("rank", "r"), ("depth", "depth"), ("placement", ""), ("lr", "lr"))
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done = total, 0
+
+    def _knobs(self, config: dict[str, Any]) -> str:
+        parts = []
+        for key, short in self.KNOBS:
+            if key in config:
+                v = config[key]
+                v = f"{v:.2e}" if isinstance(v, float) else v
+                parts.append(f"{short}={v}" if short else str(v))
+        return " ".join(parts)
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        print(f"trial {trial.trial_id} started: {self._knobs(trial.config)}", flush=True)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.done += 1
+        r = trial.last_result or {}
+        score = r.get("val_vqa_score")
+        text = f"val score {score:.2f}, +GMACs {r.get('additional_gmacs', float('nan')):.4g}, {r.get('epoch', 0)} epochs" if score is not None else "no result"
+        print(f"trial {trial.trial_id} done ({self.done}/{self.total}): {text}", flush=True)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.done += 1
+        print(f"trial {trial.trial_id} failed ({self.done}/{self.total}): {trial_error(trial)[:300]}", flush=True)

@@ -108,4 +108,4 @@ def _main(args: argparse.Namespace, config: Path) -> int:
         result = run_study(spec, address=args.address, tracking_uri=args.tracking_uri, experiment=args.experiment,
                            storage_path=storage)
     print_result(result)
-    return 0
+    return 130 if result.interrupted else 0

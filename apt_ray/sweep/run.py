@@ -125,7 +125,7 @@ def _trainable(ctx: SweepContext) -> Any:
 def _tuner(spec: StudySpec, sweep: SweepDir, ctx: SweepContext, resume: bool) -> tuple[Any, Any]:
     from ray import tune
 
-    from apt_ray.sweep.callbacks import RejectedRunLogger, RunCloser
+    from apt_ray.sweep.callbacks import ProgressLine, RejectedRunLogger, RunCloser
     from apt_ray.sweep.search import BudgetedOptunaSearch, optuna_storage
 
     if resume:
@@ -138,8 +138,8 @@ def _tuner(spec: StudySpec, sweep: SweepDir, ctx: SweepContext, resume: bool) ->
         param_space=spec.base_config(),
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=_scheduler(spec), num_samples=spec.num_trials,
                                     max_concurrent_trials=min(spec.concurrency, spec.num_trials)),
-        run_config=tune.RunConfig(name=sweep.tune_dir.name, storage_path=str(sweep.root), callbacks=[RunCloser(ctx)],
-                                  failure_config=tune.FailureConfig(max_failures=0, fail_fast=False), verbose=1),
+        run_config=tune.RunConfig(name=sweep.tune_dir.name, storage_path=str(sweep.root), callbacks=[RunCloser(ctx), ProgressLine(spec.num_trials)],
+                                  failure_config=tune.FailureConfig(max_failures=0, fail_fast=False), verbose=0),
     )
     return tuner, searcher
 

@@ -157,6 +157,7 @@ def check_spec(spec: StudySpec) -> None:
 
     limits = model_limits(spec.model)  # UserError for an unknown preset
     _check_fixed(spec)
+    _check_value(spec, None, None, limits)
     space = spec.space()
     if not space:
         raise UserError("the search space is empty: give search_space at least one knob (or leave it out for the default).")
@@ -173,7 +174,6 @@ def check_spec(spec: StudySpec) -> None:
             raise UserError(f"'{name}' is both in fixed and in search_space: keep it in one of them.")
         for value in knob.bounds():
             _check_value(spec, name, value, limits)
-    _check_value(spec, None, None, limits)
     _check_objectives(spec)
     _check_resources(spec)
     if spec.max_additional_gmacs is not None:

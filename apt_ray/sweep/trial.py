@@ -77,8 +77,11 @@ def trial_params(cfg: TrainConfig, ctx: SweepContext) -> dict[str, Any]:
 
 def log_profile(tracker: Tracker, run_id: str, cfg: TrainConfig) -> dict[str, float]:
     """Measure the trial's FLOPs profile at its input shapes; log it as metrics and as a JSON artifact."""
+    import torch
+
     from apt_ray.profile import profile
 
+    torch.set_num_threads(1)  # the trial process holds a sliver of a CPU; the workers have the real ones
     ds = cfg.data_spec()
     prof = profile(cfg.model, cfg.method_spec(), text_len=ds.max_text_len, image_hw=(ds.image_size, ds.image_size),
                    num_answers=cfg.answer_top_k)
@@ -120,6 +123,9 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
     tracker = Tracker(ctx.tracking_uri)
     run_id, logged = open_child_run(tracker, ctx, trial_id, trial_name)
     try:
+        import ray
+
+        tracker.set_tags(run_id, {"ray_node_id": ray.get_runtime_context().get_node_id()})
         tracker.log_params(run_id, trial_params(cfg, ctx))
         constants = log_profile(tracker, run_id, cfg)
         from apt_ray.sweep.reporter import TrialReporter

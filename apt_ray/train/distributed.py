@@ -27,8 +27,6 @@ log = logging.getLogger("apt_ray.train")
 FORWARDED_ENV = ("APT_RAY_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 PATH_KEYS = ("data_path", "checkpoint", "resume_from", "output_dir")
 CONNECT_TIMEOUT_S = 5.0
-
-
 QUIET_HOOK = "apt_ray.train.distributed.quiet_ray_logs"
 QUIET_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
 
@@ -153,10 +151,10 @@ def per_worker_resources(use_gpu: bool, resources_per_worker: dict[str, float] |
     return {k: float(v) for k, v in need.items() if v}
 
 
-def workers_that_fit(need: dict[str, float], nodes: list[dict[str, float]]) -> int:
+def workers_that_fit(need: dict[str, float], nodes: list[dict[str, float]]) -> float:
     """How many workers needing ``need`` fit on ``nodes`` (each worker lives on one node)."""
     if not need:
-        return math.inf  # type: ignore[return-value]
+        return math.inf
     return sum(min(int(res.get(k, 0.0) / v + 1e-9) for k, v in need.items()) for res in nodes)
 
 
@@ -171,10 +169,10 @@ def check_capacity(workers: int, need: dict[str, float]) -> None:
     total = ray.cluster_resources()
     have = ", ".join(f"{k} {total.get(k, 0):g}" for k in sorted({"CPU", "GPU", *need}))
     ask = ", ".join(f"{v:g} {k}" for k, v in need.items())
+    fix = f"use --workers {fit} or fewer, or add nodes" if fit else "no node can hold one worker: ask for fewer resources per worker, or add bigger nodes"
     raise UserError(
         f"{workers} workers need {ask} each, but the Ray cluster ({len(nodes)} node{'s' * (len(nodes) != 1)}: {have}) "
-        f"holds at most {fit} such worker{'s' * (fit != 1)}: use --workers {max(fit, 1) if fit else 1} or fewer"
-        f"{', fewer --gpus-per-worker' if 'GPU' in need else ''}, or add nodes."
+        f"holds at most {fit} such worker{'s' * (fit != 1)}: {fix}."
     )
 
 
@@ -201,7 +199,7 @@ def _worker_error(error: BaseException) -> BaseException | None:
     """The first UserError (or other apt_ray error) a worker raised inside a Ray Train failure."""
     failures = getattr(error, "worker_failures", None) or {}
     for _, exc in sorted(failures.items()):
-        for e in (exc, getattr(exc, "cause", None), getattr(exc, "__cause__", None)):
+        for e in (exc, getattr(exc, "_base_exc", None), getattr(exc, "cause", None), exc.__cause__):
             if e is not None and type(e).__module__.startswith("apt_ray"):
                 return e
     return None
@@ -241,8 +239,7 @@ def run_distributed(
     started = connect(address)
     try:
         check_capacity(workers, need)
-        storage = storage_path or (str(Path(cfg.output_dir).resolve()) if cfg.output_dir else None)
-        trainer = make_trainer(cfg.model_dump(), workers=workers, use_gpu=use_gpu, storage_path=storage,
+        trainer = make_trainer(cfg.model_dump(), workers=workers, use_gpu=use_gpu, storage_path=storage_path or cfg.output_dir,
                                name=name or default_run_name(cfg), max_failures=max_failures,
                                resources_per_worker=resources_per_worker)
         from ray.train import TrainingFailedError

@@ -47,6 +47,9 @@ class Diverged(RuntimeError):
         super().__init__(f"training diverged at step {step}: loss is {loss}. Lower the learning rate (lr) or the prompt count and run again.")
         self.step, self.loss = step, loss
 
+    def __reduce__(self):  # travels from a Ray worker to the driver intact
+        return (type(self), (self.step, self.loss))
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -120,24 +123,30 @@ class Trainer:
         if session.world_size > 1:
             self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.epoch, self.step_in_epoch, self.global_step, self.restarts = 0, 0, 0, 0
+        self.epoch_losses: list[float] = []  # this process's losses in the current epoch
+        self.carried_loss = (0.0, 0.0)  # (sum, count) over all ranks before a mid-epoch resume; rank 0 holds it
         self.history: list[dict[str, Any]] = []
         self.first_losses: list[float] = []  # losses of the first steps of this process (resume checks)
 
     # -- state ---------------------------------------------------------------
     def meta(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
-                "restarts": self.restarts, "history": self.history, "config": self.cfg.model_dump()}
+                "restarts": self.restarts, "history": self.history, "epoch_loss": self._loss_totals(self.epoch_losses),
+                "config": self.cfg.model_dump()}
 
     def restore(self, directory: Path, restarted: bool) -> None:
         meta = load_checkpoint(directory, self.model, self.optimizer, self.scheduler)
         self.epoch, self.step_in_epoch, self.global_step = meta["epoch"], meta["step_in_epoch"], meta["global_step"]
         self.history, self.restarts = meta["history"], meta.get("restarts", 0) + int(restarted)
+        carried = meta.get("epoch_loss", [0.0, 0.0])
+        self.carried_loss = (carried[0], carried[1]) if self.session.rank == 0 else (0.0, 0.0)
         log.info("resumed from %s at epoch %d, step %d", directory, self.epoch, self.global_step)
 
     def _checkpoint(self, metrics: dict[str, Any]) -> None:
         directory = None
+        meta = self.meta()  # on every rank: it all-reduces the epoch's loss totals
         if self.session.rank == 0:
-            directory = save_checkpoint(self.session.checkpoint_scratch() / f"step_{self.global_step:08d}", self.model, self.optimizer, self.scheduler, self.meta())
+            directory = save_checkpoint(self.session.checkpoint_scratch() / f"step_{self.global_step:08d}", self.model, self.optimizer, self.scheduler, meta)
         self.session.report(metrics, directory)
 
     # -- steps ---------------------------------------------------------------
@@ -155,6 +164,15 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         return value
+
+    def _loss_totals(self, losses: list[float]) -> list[float]:
+        """(sum, count) of this epoch's losses over all ranks, including what was carried over a resume."""
+        return _all_sum([math.fsum(losses) + self.carried_loss[0], float(len(losses)) + self.carried_loss[1]], self.device)
+
+    def _mean_loss(self, losses: list[float]) -> float:
+        """Mean training loss of the epoch over all ranks (each rank saw its own shard)."""
+        total, count = self._loss_totals(losses)
+        return total / count if count else float("nan")
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -190,7 +208,7 @@ class Trainer:
             self.net.train()
             loader = self.data.train_loader
             loader.set_epoch(self.epoch)
-            losses, step_times, samples, t_epoch = [], [], 0, time.perf_counter()
+            losses, step_times, samples, t_epoch = self.epoch_losses, [], 0, time.perf_counter()
             for i, batch in enumerate(loader):
                 if i < self.step_in_epoch:
                     continue  # resuming mid-epoch: same (seed, epoch) order, so skip what was done
@@ -209,13 +227,14 @@ class Trainer:
                 if self.global_step >= self.total_steps:
                     break
                 if cfg.checkpoint_every_steps and self.global_step % cfg.checkpoint_every_steps == 0 and self.step_in_epoch < self.steps_per_epoch:
-                    self._checkpoint({"epoch": self.epoch, "global_step": self.global_step, "train_loss": statistics.fmean(losses), "partial_epoch": True})
+                    self._checkpoint({"epoch": self.epoch, "global_step": self.global_step, "train_loss": self._mean_loss(losses), "partial_epoch": True})
             elapsed = time.perf_counter() - t_epoch
             samples = _all_sum([float(samples)], self.device)[0]
+            train_loss = self._mean_loss(losses)
             score = self.evaluate()
             metrics = {
                 "epoch": self.epoch + 1, "global_step": self.global_step,
-                "train_loss": statistics.fmean(losses) if losses else float("nan"), "val_vqa_score": score,
+                "train_loss": train_loss, "val_vqa_score": score,
                 "samples_per_s": samples / elapsed if elapsed > 0 else 0.0,
                 "step_time_ms": 1000 * statistics.median(step_times) if step_times else 0.0,
                 "lr": self.scheduler.get_last_lr()[0],
@@ -223,6 +242,7 @@ class Trainer:
             self.history.append(metrics)
             self.epoch += 1
             self.step_in_epoch = 0
+            self.epoch_losses, self.carried_loss = [], (0.0, 0.0)
             self._checkpoint(metrics)
             if self.progress:
                 bar.write(f"epoch {metrics['epoch']}: train loss {metrics['train_loss']:.4f}, val VQA score {score:.2f}, {metrics['samples_per_s']:.0f} samples/s")
@@ -254,7 +274,7 @@ def session_for(config: dict[str, Any], cfg: TrainConfig) -> Session:
     if config.get("_ray"):
         from apt_ray.train.ray_session import RaySession  # only under Ray Train
 
-        return RaySession()
+        return RaySession(resume_from=cfg.resume_from)
     return LocalSession(cfg.output_dir or "results/train", cfg.resume_from)
 
 

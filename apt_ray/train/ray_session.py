@@ -8,7 +8,6 @@ while only rank 0 attaches a checkpoint. Imported only inside Ray Train workers.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import shutil
@@ -22,7 +21,6 @@ import torch
 
 from apt_ray.train.session import latest_checkpoint
 
-log = logging.getLogger("apt_ray.train")
 WORK_DIR = ".apt_ray"  # inside the run's directory: survives worker restarts
 
 

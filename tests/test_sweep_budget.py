@@ -1,0 +1,55 @@
+"""FLOPs budget: the closed-form cost on a weightless model equals the measured profile."""
+
+from __future__ import annotations
+
+import pytest
+
+from apt_ray.profile import profile
+from apt_ray.sweep.budget import check_budget, cheapest_cost, trial_cost
+from apt_ray.sweep.meta import model_limits
+from apt_ray.sweep.spec import StudySpec
+
+
+@pytest.mark.parametrize("model,method", [("tiny-vilt", "apt"), ("tiny-meter", "apt"), ("tiny-vilt", "deep_prompt"), ("tiny-meter", "lora")])
+def test_budget_cost_matches_the_measured_profile(model: str, method: str) -> None:
+    cfg = StudySpec(model=model, method=method).train_config({"num_prompts": 12, "rank": 4, "depth": 2, "placement": "top"})
+    ds = cfg.data_spec()
+    measured = profile(model, cfg.method_spec(), ds.max_text_len, (ds.image_size, ds.image_size))
+    cost = trial_cost(cfg)
+    assert cost.additional_gmacs == pytest.approx(measured.additional_gmacs, rel=1e-9)
+    assert cost.updated_params == measured.analytic_updated_params
+
+
+def test_paper_shapes_are_cheap_to_cost() -> None:
+    cfg = StudySpec(model="meter-clip16-roberta").train_config({"num_prompts": 200, "rank": 4})
+    gmacs = trial_cost(cfg).additional_gmacs  # a weightless model: no 300M-parameter build on the driver
+    assert gmacs == pytest.approx(profile_free_reference(), rel=1e-6)
+
+
+def profile_free_reference() -> float:
+    """APT on METER at p=200, r=4, 24 sites (REFERENCE.md): per site 2*N_q*p*d + 2*p*d*r, d=768,
+    N_q = 50 text or 577 image tokens, each stream with one self- and one cross-attention site per layer."""
+    d, p, r = 768, 200, 4
+    per_layer = sum(2 * (2 * n * p * d + 2 * p * d * r) for n in (50, 577))
+    return 6 * per_layer / 1e9
+
+
+def test_verdicts() -> None:
+    spec = StudySpec()
+    small, big = spec.train_config({"num_prompts": 1, "depth": 1}), spec.train_config({"num_prompts": 256, "depth": 4})
+    limit = trial_cost(small).additional_gmacs * 2
+    assert check_budget(small, limit).within
+    v = check_budget(big, limit)
+    assert not v.within and v.additional_gmacs > limit and "over the FLOPs budget" in v.reason
+    assert check_budget(big, None).within
+
+
+def test_cheapest_cost_is_the_low_corner() -> None:
+    spec = StudySpec()
+    assert cheapest_cost(spec) == pytest.approx(trial_cost(spec.train_config({"num_prompts": 1, "rank": 1, "depth": 1})).additional_gmacs)
+
+
+def test_model_limits() -> None:
+    assert (model_limits("tiny-meter").num_layers, model_limits("tiny-meter").hidden_size) == (4, 64)
+    assert (model_limits("vilt-b32").num_layers, model_limits("vilt-b32").hidden_size) == (12, 768)
+    assert model_limits("meter-clip16-roberta").num_layers == 6

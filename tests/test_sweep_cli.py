@@ -1,0 +1,74 @@
+"""The study scripts' command line: bad input is one ``error:`` line and exit code 2, before any trial."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from apt_ray.sweep.cli import build_parser, main, overrides_from
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT = ROOT / "studies" / "configs" / "default_meter.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_main(args: list[str], capsys: pytest.CaptureFixture, cwd: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[int, str]:
+    monkeypatch.chdir(cwd)
+    code = main(args, default_config=DEFAULT, prog="sweep_meter.py", description="test")
+    captured = capsys.readouterr()
+    return code, captured.err
+
+
+def test_flags_become_overrides() -> None:
+    args = build_parser("p", "d").parse_args(["--num-samples", "3", "--max-epochs", "2", "--workers-per-trial", "2",
+                                              "--gpus-per-worker", "0", "concurrency=1", "fixed.lr=0.001"])
+    assert overrides_from(args) == {"num_trials": 3, "fixed.epochs": 2, "resources.workers": 2, "resources.gpus_per_worker": 0.0,
+                                    "concurrency": 1, "fixed.lr": 0.001}
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--num-samples", "0"], "--num-samples 0 is not allowed"),
+    (["--max-epochs", "-1"], "--max-epochs -1 is not allowed"),
+    (["search_space.depth={type: int, low: 1, high: 12}"], "depth 12 is above the 4 layers"),
+    (["search_space.rank={type: int, low: 1, high: 100}", "search_space.num_prompts={type: int, low: 1, high: 4}"], "rank 100 is above the hidden size 64"),
+    (["num_trails=3"], "did you mean 'num_trials'"),
+])
+def test_bad_study_settings(args: list[str], needle: str, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    code, err = run_main(args, capsys, tmp_path, monkeypatch)
+    assert code == 2 and err.startswith("error: ") and needle in err and "Traceback" not in err
+    assert not (tmp_path / "ray_results").exists()  # refused before anything was created
+
+
+def test_unreachable_mlflow_uri(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    code, err = run_main(["--tracking-uri", f"http://127.0.0.1:{free_port()}", "--storage-path", str(tmp_path / "s")], capsys, tmp_path, monkeypatch)
+    assert code == 2 and "MLflow tracking server" in err and "cannot be reached" in err
+
+
+def test_unreachable_ray_address(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    code, err = run_main(["--address", f"127.0.0.1:{free_port()}", "--storage-path", str(tmp_path / "s")], capsys, tmp_path, monkeypatch)
+    assert code == 2 and "cannot reach a Ray cluster" in err
+
+
+def test_resume_without_an_earlier_sweep(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    code, err = run_main(["--resume", "--storage-path", str(tmp_path / "nothing")], capsys, tmp_path, monkeypatch)
+    assert code == 2 and "no earlier sweep at" in err
+    code, err = run_main(["--resume"], capsys, tmp_path, monkeypatch)
+    assert code == 2 and "no earlier sweep of study 'default_meter'" in err
+
+
+def test_script_exit_code_and_no_traceback(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(ROOT / "studies" / "sweep_vilt.py"), "--num-samples", "0"], cwd=tmp_path,
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().startswith("error: --num-samples 0") and "Traceback" not in proc.stderr

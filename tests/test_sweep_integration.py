@@ -1,0 +1,319 @@
+"""Real sweeps: Ray Tune + Optuna + Ray Train trials, logged to MLflow on sqlite and on an HTTP server.
+
+Tiny data and random backbone weights keep every trial to seconds of training;
+the Ray and MLflow machinery is the real one. Subprocess sweeps get their own
+Ray temp dir (RAY_TMPDIR) so they never join another Ray instance on the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "studies" / "sweep_meter.py"
+TINY = {"pretrained": False, "num_train_images": 48, "num_val_images": 16, "questions_per_image": 2, "batch_size": 8, "rank": 4}
+SPACE = {
+    "num_prompts": {"type": "int", "low": 1, "high": 256, "log": True},
+    "depth": {"type": "int", "low": 1, "high": 4},
+    "placement": {"type": "categorical", "choices": ["bottom", "top"]},
+    "lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True},
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def study_file(tmp_path: Path, **fields: Any) -> Path:
+    data = {"name": "it", "model": "tiny-meter", "method": "apt", "fixed": {**TINY, "epochs": 1}, "search_space": SPACE,
+            "num_trials": 3, "concurrency": 2, "seed": 0, **fields}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def subprocess_env(cache: Path, ray_tmp: Path) -> dict[str, str]:
+    return {**os.environ, "APT_RAY_CACHE": str(cache), "RAY_TMPDIR": str(ray_tmp), "PYTHONPATH": str(ROOT),
+            "RAY_DEDUP_LOGS": "1", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
+
+
+@pytest.fixture()
+def ray_tmp() -> Iterator[Path]:
+    """A short private Ray temp dir (unix socket paths must stay short)."""
+    path = Path(tempfile.mkdtemp(prefix="aptrt", dir="/tmp"))
+    yield path
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real ``mlflow server`` on 127.0.0.1 (sqlite backend, local artifact destination), stopped after."""
+    d = tmp_path_factory.mktemp("mlflow_server")
+    port = free_port()
+    exe = Path(sys.executable).parent / "mlflow"
+    log = open(d / "server.log", "w")
+    proc = subprocess.Popen([str(exe), "server", "--host", "127.0.0.1", "--port", str(port), "--backend-store-uri",
+                             f"sqlite:///{d}/m.db", "--artifacts-destination", str(d / "art"), "--workers", "1"],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while True:
+        try:
+            with urllib.request.urlopen(uri + "/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"mlflow server did not start: {(d / 'server.log').read_text()[-2000:]}")
+        time.sleep(0.5)
+    try:
+        yield uri
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the server's own process group (its uvicorn workers)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+# -- checks shared by the sweeps --------------------------------------------------------
+
+def client(uri: str) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def runs_of(uri: str, experiment: str) -> tuple[Any, list[Any]]:
+    c = client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    assert exp is not None
+    runs = c.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("apt_ray.kind") == "sweep"]
+    assert len(parents) == 1, [r.data.tags for r in runs]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(children) == len(runs) - 1
+    return parents[0], children
+
+
+def check_tracking(uri: str, experiment: str, epochs: int) -> tuple[Any, list[Any]]:
+    """Parent/child structure, params, per-epoch history, FLOPs artifact, tags, sweep-level artifacts."""
+    c = client(uri)
+    parent, children = runs_of(uri, experiment)
+    assert parent.info.status == "FINISHED" and parent.data.tags["status"] == "finished"
+    assert parent.data.params["space.num_prompts"] == "int 1..256 (log)"
+    assert parent.data.params["objectives"] == "max:val_vqa_score, min:additional_gmacs"
+    top = {a.path for a in c.list_artifacts(parent.info.run_id)}
+    assert {"study_spec.json", "search_space.json", "pareto_front.json", "trials.json", "figures"} <= top
+    assert {a.path for a in c.list_artifacts(parent.info.run_id, "figures")} == {"figures/pareto_front.png", "figures/score_vs_prompts.png"}
+    front = json.loads(Path(c.download_artifacts(parent.info.run_id, "pareto_front.json")).read_text())
+    assert front["data"], "the Pareto front is empty"
+    trained = [r for r in children if r.data.tags["status"] == "finished"]
+    assert trained
+    for run in children:
+        tags = run.data.tags
+        assert tags["trial_id"] and tags["git_commit"] and tags["status"] in ("finished", "diverged", "over_budget", "failed")
+        for key in ("method", "num_prompts", "rank", "depth", "placement", "lr", "seed", "workers"):
+            assert key in run.data.params, (key, run.data.params)
+        assert "additional_gmacs" in run.data.metrics and "updated_params" in run.data.metrics
+    for run in trained:
+        assert run.info.status == "FINISHED"
+        history = c.get_metric_history(run.info.run_id, "val_vqa_score")
+        assert sorted(m.step for m in history) == list(range(1, epochs + 1))
+        assert {"train_loss", "samples_per_s", "step_time_ms"} <= set(run.data.metrics)
+        profile = json.loads(Path(c.download_artifacts(run.info.run_id, "flops_profile.json")).read_text())
+        assert profile["num_prompts"] == int(run.data.params["num_prompts"]) and profile["depth"] == int(run.data.params["depth"])
+        assert len(profile["per_site"]) == profile["sites"] > 0
+        assert {"site", "layer", "analytic_gmacs", "measured_gmacs", "updated_params"} <= set(profile["per_site"][0])
+        assert profile["additional_gmacs"] == pytest.approx(run.data.metrics["additional_gmacs"])
+    return parent, children
+
+
+def tune_trial_ids(sweep_dir: Path) -> set[str]:
+    return {p.name for p in (sweep_dir / "train").iterdir() if p.is_dir()}
+
+
+# -- in-process sweep on sqlite ------------------------------------------------------------
+
+def test_sqlite_sweep_with_budget_and_divergence(ray_cluster: None, tmp_path: Path) -> None:
+    """4 trials on the shared local Ray: a FLOPs budget rejects proposals before training, a trial with a
+    huge learning rate diverges (run FAILED, status diverged) and the sweep goes on."""
+    import optuna
+
+    from apt_ray.sweep import load_study_spec, run_study
+    from apt_ray.sweep.budget import trial_cost
+    from apt_ray.sweep.spec import StudySpec
+
+    budget = trial_cost(StudySpec(fixed=TINY).train_config({"num_prompts": 16, "depth": 2})).additional_gmacs
+    space = {**SPACE, "lr": {"type": "categorical", "choices": [0.003, 1.0e9]}}
+    spec = load_study_spec(study_file(tmp_path, name="it-sqlite", search_space=space, num_trials=4,
+                                      fixed={**TINY, "epochs": 2}, max_additional_gmacs=budget, seed=3))
+    uri = f"sqlite:///{tmp_path}/m.db"
+    result = run_study(spec, tracking_uri=uri, storage_path=str(tmp_path / "sweep"))
+
+    assert not result.interrupted
+    parent, children = check_tracking(uri, "it-sqlite", epochs=2)
+    status = Counter(r.data.tags["status"] for r in children)
+    assert status["finished"] + status["diverged"] == 4, status  # every Tune trial ran; the diverged one did not stop the sweep
+    assert status["diverged"] >= 1 and status["over_budget"] >= 1, status
+
+    for run in children:
+        if run.data.tags["status"] == "diverged":
+            assert run.info.status == "FAILED" and "diverged" in run.data.tags["failure_reason"]
+            assert float(run.data.params["lr"]) == 1.0e9
+        elif run.data.tags["status"] == "over_budget":  # recorded, never trained
+            assert run.info.status == "KILLED" and run.data.metrics["additional_gmacs"] > budget
+            assert "val_vqa_score" not in run.data.metrics and "over the FLOPs budget" in run.data.tags["failure_reason"]
+        else:
+            assert run.data.metrics["additional_gmacs"] <= budget * (1 + 1e-9)
+    trained_ids = {r.data.tags["trial_id"] for r in children if r.data.tags["status"] != "over_budget"}
+    assert tune_trial_ids(result.sweep_dir) == trained_ids  # only within-budget configurations reached Ray Train
+
+    study = optuna.load_study(study_name="it-sqlite", storage=result.optuna_storage)
+    states = Counter(t.state.name for t in study.trials)
+    assert states["PRUNED"] == status["over_budget"] and states["COMPLETE"] == status["finished"] and states["FAIL"] == status["diverged"]
+    proposals = [tuple(sorted(t.params.items())) for t in study.trials]
+    assert len(set(proposals)) == len(proposals)  # Optuna proposed distinct configurations
+
+    assert {r["trial"] for r in result.front} <= {r.data.tags["trial_id"] for r in children if r.data.tags["status"] == "finished"}
+    assert (result.sweep_dir / "figures" / "pareto_front.png").stat().st_size > 0
+
+
+def test_resources_the_cluster_cannot_provide(ray_cluster: None, tmp_path: Path) -> None:
+    from apt_ray.errors import UserError
+    from apt_ray.sweep import load_study_spec, run_study
+
+    spec = load_study_spec(study_file(tmp_path), {"resources.gpus_per_worker": 1})
+    with pytest.raises(UserError, match="GPU"):
+        run_study(spec, tracking_uri=f"sqlite:///{tmp_path}/m.db", storage_path=str(tmp_path / "s"))
+    spec = load_study_spec(study_file(tmp_path), {"resources.cpus_per_worker": 64})
+    with pytest.raises(UserError, match="holds at most 0"):
+        run_study(spec, tracking_uri=f"sqlite:///{tmp_path}/m.db", storage_path=str(tmp_path / "s2"))
+
+
+# -- multi-node cluster, through the study script -------------------------------------------
+
+CLUSTER = """
+import sys, ray
+from ray.cluster_utils import Cluster
+args = dict(num_cpus=1, node_ip_address="127.0.0.1", include_dashboard=False)
+cluster = Cluster(initialize_head=True, head_node_args=args)
+cluster.add_node(**args)
+cluster.wait_for_nodes()
+print(cluster.address, flush=True)
+sys.stdin.read()
+cluster.shutdown()
+"""
+
+
+@pytest.fixture()
+def two_node_cluster(ray_cache: Path, ray_tmp: Path) -> Iterator[str]:
+    """A local Ray cluster of two nodes (1 CPU each) on 127.0.0.1, owned by a helper process."""
+    proc = subprocess.Popen([sys.executable, "-c", CLUSTER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env=subprocess_env(ray_cache, ray_tmp), start_new_session=True)
+    address = proc.stdout.readline().strip()
+    assert address, "the test cluster did not start"
+    try:
+        yield address
+    finally:
+        proc.stdin.close()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_multi_node_cluster_needs_a_server(two_node_cluster: str, mlflow_server: str, ray_cache: Path, ray_tmp: Path, tmp_path: Path) -> None:
+    """Through --address: sqlite is refused (with the fix), the HTTP server works for a 3-trial sweep."""
+    cfg = study_file(tmp_path, name="it-http", fixed={**TINY, "epochs": 2})
+    env = subprocess_env(ray_cache, ray_tmp)
+    base = [sys.executable, str(SCRIPT), "--config", str(cfg), "--address", two_node_cluster]
+
+    refused = subprocess.run(base + ["--storage-path", str(tmp_path / "refused")], cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=300)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert "2 nodes" in refused.stderr and "mlflow server" in refused.stderr and "Traceback" not in refused.stderr
+    assert not (tmp_path / "mlflow.db").exists() or not runs_exist(f"sqlite:///{tmp_path}/mlflow.db")
+
+    done = subprocess.run(base + ["--tracking-uri", mlflow_server, "--storage-path", str(tmp_path / "sweep")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Pareto front" in done.stdout and "val score" in done.stdout and "+GMACs" in done.stdout
+    parent, children = check_tracking(mlflow_server, "it-http", epochs=2)
+    assert len(children) == 3 and all(r.data.tags["status"] == "finished" for r in children)
+    assert len({r.data.tags["ray_node_id"] for r in children}) >= 1
+
+
+def runs_exist(uri: str) -> bool:
+    c = client(uri)
+    return any(c.search_runs([e.experiment_id]) for e in c.search_experiments())
+
+
+# -- interrupted sweep, resumed -----------------------------------------------------------------
+
+def test_resume_continues_without_repeating(ray_cache: Path, ray_tmp: Path, tmp_path: Path) -> None:
+    """SIGINT after the first trial finished; --resume runs the rest, reusing runs and skipping finished trials."""
+    cfg = study_file(tmp_path, name="it-resume", concurrency=1, fixed={**TINY, "epochs": 2})
+    uri = f"sqlite:///{tmp_path}/m.db"
+    sweep = tmp_path / "sweep"
+    env = subprocess_env(ray_cache, ray_tmp)
+    cmd = [sys.executable, str(SCRIPT), "--config", str(cfg), "--tracking-uri", uri, "--storage-path", str(sweep)]
+    log = open(tmp_path / "first.log", "w")
+    first = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 400
+    finished: list[Any] = []
+    while not finished:
+        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        assert time.time() < deadline, "no trial finished in time"
+        time.sleep(2)
+        if (tmp_path / "m.db").exists() and client(uri).get_experiment_by_name("it-resume"):
+            finished = [r for r in runs_of(uri, "it-resume")[1] if r.info.status == "FINISHED"]
+    os.kill(first.pid, signal.SIGINT)
+    try:
+        code = first.wait(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(first.pid, signal.SIGKILL)
+        pytest.fail("the interrupted sweep did not stop")
+    log.close()
+    text = (tmp_path / "first.log").read_text()
+    assert code == 130, text[-3000:]
+    assert "--resume" in text
+    before = {r.data.tags["trial_id"]: r for r in runs_of(uri, "it-resume")[1]}
+
+    resumed = subprocess.run([sys.executable, str(SCRIPT), "--storage-path", str(sweep), "--resume", "--tracking-uri", uri],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    parent, children = check_tracking(uri, "it-resume", epochs=2)
+    ids = Counter(r.data.tags["trial_id"] for r in children)
+    assert len(ids) == 3 and set(ids.values()) == {1}  # three trials, one run each: nothing duplicated
+    after = {r.data.tags["trial_id"]: r for r in children}
+    for run in finished:  # finished trials were not repeated
+        tid = run.data.tags["trial_id"]
+        assert after[tid].info.run_id == run.info.run_id and after[tid].info.end_time == run.info.end_time
+    for tid, run in before.items():  # a trial cut short kept its run
+        assert after[tid].info.run_id == run.info.run_id
+    import optuna
+
+    study = optuna.load_study(study_name="it-resume", storage=f"sqlite:///{sweep}/optuna.db")
+    assert Counter(t.state.name for t in study.trials)["COMPLETE"] == 3

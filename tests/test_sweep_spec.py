@@ -1,0 +1,149 @@
+"""StudySpec: YAML + overrides, defaults, and every refusal happens before Ray starts (no Ray here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from apt_ray.errors import UserError
+from apt_ray.sweep.space import ParamSpec, default_space, optuna_distributions
+from apt_ray.sweep.spec import StudySpec, load_study_spec
+
+STUDIES = Path(__file__).resolve().parents[1] / "studies" / "configs"
+
+
+def write(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def refused(tmp_path: Path, data: dict, overrides: dict | None = None) -> str:
+    with pytest.raises(UserError) as err:
+        load_study_spec(write(tmp_path, data), overrides)
+    return str(err.value)
+
+
+def test_default_spec_has_the_issue_defaults() -> None:
+    spec = load_study_spec(None)
+    assert spec.model == "tiny-meter" and spec.method == "apt"
+    assert [(o.metric, o.mode) for o in spec.objectives] == [("val_vqa_score", "max"), ("additional_gmacs", "min")]
+    space = spec.space()
+    assert set(space) == {"num_prompts", "rank", "depth", "placement", "lr"}
+    assert (space["num_prompts"].low, space["num_prompts"].high, space["num_prompts"].log) == (1, 256, True)
+    assert (space["rank"].low, space["rank"].high, space["rank"].log) == (1, 64, True)
+    assert (space["depth"].low, space["depth"].high) == (1, 4)  # tiny-meter has 4 fusion layers
+    assert space["placement"].choices == ["bottom", "top"]
+    assert (space["lr"].low, space["lr"].high, space["lr"].log) == (1e-4, 3e-2, True)
+    assert spec.multi_objective and not spec.use_asha()
+
+
+def test_single_objective_uses_asha(tmp_path: Path) -> None:
+    spec = load_study_spec(write(tmp_path, {"objectives": [{"metric": "val_vqa_score", "mode": "max"}]}))
+    assert spec.use_asha()
+
+
+@pytest.mark.parametrize("name", ["default_meter.yaml", "default_vilt.yaml", "paper_meter_vqav2.yaml"])
+def test_shipped_study_configs_validate(name: str) -> None:
+    spec = load_study_spec(STUDIES / name)
+    assert spec.num_trials >= 1 and spec.space()
+
+
+def test_paper_config_bounds_follow_the_paper_model() -> None:
+    spec = load_study_spec(STUDIES / "paper_meter_vqav2.yaml")
+    assert spec.model == "meter-clip16-roberta" and spec.space()["depth"].high == 6
+
+
+def test_overrides_are_dotted_and_win(tmp_path: Path) -> None:
+    spec = load_study_spec(write(tmp_path, {"fixed": {"epochs": 3}}), {"num_trials": 5, "fixed.epochs": 1, "resources.workers": 2,
+                                                                      "fixed.batch_size": 8})
+    assert spec.num_trials == 5 and spec.epochs == 1 and spec.resources.workers == 2
+
+
+def test_unknown_key_gets_did_you_mean(tmp_path: Path) -> None:
+    assert "did you mean 'num_trials'" in refused(tmp_path, {"num_trails": 3})
+
+
+def test_zero_trials_is_refused(tmp_path: Path) -> None:
+    assert "num_trials=0" in refused(tmp_path, {}, {"num_trials": 0})
+
+
+def test_depth_above_layer_count_is_refused(tmp_path: Path) -> None:
+    msg = refused(tmp_path, {"search_space": {"depth": {"type": "int", "low": 1, "high": 12}}})
+    assert "depth 12 is above the 4 layers of tiny-meter" in msg
+
+
+def test_rank_above_hidden_size_is_refused(tmp_path: Path) -> None:
+    msg = refused(tmp_path, {"search_space": {"rank": {"type": "int", "low": 1, "high": 512, "log": True}}})
+    assert "rank 512 is above the hidden size 64" in msg
+
+
+def test_fixed_depth_above_layers_is_refused(tmp_path: Path) -> None:
+    msg = refused(tmp_path, {"fixed": {"depth": 9}, "search_space": {"lr": {"type": "float", "low": 1e-4, "high": 1e-2}}})
+    assert "depth 9" in msg and "fixed" in msg
+
+
+def test_vilt_bounds_come_from_vilt(tmp_path: Path) -> None:
+    spec = load_study_spec(write(tmp_path, {"model": "tiny-vilt"}))
+    assert spec.space()["depth"].high == 4 and spec.space()["rank"].high == 64
+
+
+def test_unknown_searched_key_and_conflicts(tmp_path: Path) -> None:
+    assert "did you mean 'num_prompts'" in refused(tmp_path, {"search_space": {"num_prompt": {"type": "int", "low": 1, "high": 8}}})
+    assert "both in fixed and in search_space" in refused(
+        tmp_path, {"fixed": {"lr": 1e-3}, "search_space": {"lr": {"type": "float", "low": 1e-4, "high": 1e-2}}})
+    assert "cannot be searched" in refused(tmp_path, {"search_space": {"model": {"type": "categorical", "choices": ["tiny-vilt"]}}})
+    assert "top level" in refused(tmp_path, {"fixed": {"model": "tiny-vilt"}})
+    assert "did you mean 'epochs'" in refused(tmp_path, {"fixed": {"epoch": 2}})
+
+
+def test_bad_knob_definitions(tmp_path: Path) -> None:
+    assert "low 8.0 is above high 2.0" in refused(tmp_path, {"search_space": {"num_prompts": {"type": "int", "low": 8, "high": 2}}})
+    assert "low > 0" in refused(tmp_path, {"search_space": {"lr": {"type": "float", "low": 0, "high": 1e-2, "log": True}}})
+    assert "not a valid lr" in refused(tmp_path, {"search_space": {"lr": {"type": "float", "low": -1, "high": 1e-2}}})
+    assert "choices" in refused(tmp_path, {"search_space": {"placement": {"type": "categorical"}}})
+
+
+def test_objective_and_scheduler_rules(tmp_path: Path) -> None:
+    assert "single objective" in refused(tmp_path, {"scheduler": {"kind": "asha"}})
+    assert "trained metric" in refused(tmp_path, {"objectives": [{"metric": "additional_gmacs", "mode": "min"}]})
+    assert "repeat" in refused(tmp_path, {"objectives": [{"metric": "val_vqa_score", "mode": "max"}] * 2})
+
+
+def test_resources_rules(tmp_path: Path) -> None:
+    assert "split evenly over 3 workers" in refused(tmp_path, {"fixed": {"batch_size": 64}, "resources": {"workers": 3}})
+    assert "device=cpu" in refused(tmp_path, {"fixed": {"device": "cpu"}, "resources": {"gpus_per_worker": 1}})
+
+
+def test_budget_that_rejects_everything_is_refused(tmp_path: Path) -> None:
+    msg = refused(tmp_path, {"max_additional_gmacs": 1e-9})
+    assert "rejects the whole search space" in msg
+
+
+def test_train_config_merges_fixed_and_params() -> None:
+    spec = StudySpec(fixed={"epochs": 2})
+    cfg = spec.train_config({"num_prompts": 7, "placement": "top"})
+    assert (cfg.epochs, cfg.num_prompts, cfg.placement, cfg.model) == (2, 7, "top", "tiny-meter")
+
+
+def test_default_space_per_method() -> None:
+    assert set(default_space("deep_prompt", 12, 768)) == {"num_prompts", "depth", "placement", "lr"}
+    assert set(default_space("lora", 12, 768)) == {"rank", "depth", "placement", "lr"}
+    assert set(default_space("full", 12, 768)) == {"lr"}
+    assert default_space("apt", 2, 16)["rank"].high == 16
+
+
+def test_optuna_distributions() -> None:
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    dists = optuna_distributions(default_space("apt", 4, 64))
+    assert isinstance(dists["num_prompts"], IntDistribution) and dists["num_prompts"].log and dists["num_prompts"].high == 256
+    assert isinstance(dists["lr"], FloatDistribution) and dists["lr"].log
+    assert isinstance(dists["placement"], CategoricalDistribution) and dists["placement"].choices == ("bottom", "top")
+
+
+def test_param_spec_describe() -> None:
+    assert ParamSpec(type="int", low=1, high=256, log=True).describe() == "int 1..256 (log)"
+    assert ParamSpec(type="categorical", choices=["bottom", "top"]).describe() == "{bottom, top}"
