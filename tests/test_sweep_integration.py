@@ -157,25 +157,29 @@ def tune_trial_ids(sweep_dir: Path) -> set[str]:
 # -- in-process sweep on sqlite ------------------------------------------------------------
 
 def test_sqlite_sweep_with_budget_and_divergence(ray_cluster: None, tmp_path: Path) -> None:
-    """4 trials on the shared local Ray: a FLOPs budget rejects proposals before training, a trial with a
-    huge learning rate diverges (run FAILED, status diverged) and the sweep goes on."""
+    """3 trials on the shared local Ray. Enqueued first: an over-budget configuration (pruned, never trained), one
+    with a huge learning rate (diverges: run FAILED, status diverged; the sweep goes on) and a sane one; Optuna
+    proposes the rest."""
     import optuna
 
     from apt_ray.sweep import load_study_spec, run_study
     from apt_ray.sweep.budget import trial_cost
     from apt_ray.sweep.spec import StudySpec
 
-    budget = trial_cost(StudySpec(fixed=TINY).train_config({"num_prompts": 16, "depth": 2})).additional_gmacs
+    budget = trial_cost(StudySpec(fixed=TINY).train_config({"num_prompts": 32, "depth": 2})).additional_gmacs
     space = {**SPACE, "lr": {"type": "categorical", "choices": [0.003, 1.0e9]}}
-    spec = load_study_spec(study_file(tmp_path, name="it-sqlite", search_space=space, num_trials=4,
-                                      fixed={**TINY, "epochs": 2}, max_additional_gmacs=budget, seed=3))
+    points = [{"num_prompts": 200, "depth": 4, "placement": "top", "lr": 0.003},  # over budget
+              {"num_prompts": 4, "depth": 1, "placement": "bottom", "lr": 1.0e9},  # diverges
+              {"num_prompts": 2, "depth": 2, "placement": "top", "lr": 0.003}]
+    spec = load_study_spec(study_file(tmp_path, name="it-sqlite", search_space=space, initial_points=points, num_trials=3,
+                                      fixed={**TINY, "epochs": 2}, max_additional_gmacs=budget))
     uri = f"sqlite:///{tmp_path}/m.db"
     result = run_study(spec, tracking_uri=uri, storage_path=str(tmp_path / "sweep"))
 
     assert not result.interrupted
     parent, children = check_tracking(uri, "it-sqlite", epochs=2)
     status = Counter(r.data.tags["status"] for r in children)
-    assert status["finished"] + status["diverged"] == 4, status  # every Tune trial ran; the diverged one did not stop the sweep
+    assert status["finished"] + status["diverged"] == 3, status  # every Tune trial ran; the diverged one did not stop the sweep
     assert status["diverged"] >= 1 and status["over_budget"] >= 1, status
 
     for run in children:
@@ -191,10 +195,11 @@ def test_sqlite_sweep_with_budget_and_divergence(ray_cluster: None, tmp_path: Pa
     assert tune_trial_ids(result.sweep_dir) == trained_ids  # only within-budget configurations reached Ray Train
 
     study = optuna.load_study(study_name="it-sqlite", storage=result.optuna_storage)
-    states = Counter(t.state.name for t in study.trials)
-    assert states["PRUNED"] == status["over_budget"] and states["COMPLETE"] == status["finished"] and states["FAIL"] == status["diverged"]
-    proposals = [tuple(sorted(t.params.items())) for t in study.trials]
-    assert len(set(proposals)) == len(proposals)  # Optuna proposed distinct configurations
+    states = Counter(t.user_attrs.get("status", t.state.name) for t in study.trials)
+    assert states["over_budget"] == status["over_budget"] and states["COMPLETE"] == status["finished"], states
+    assert states["failed"] == status["diverged"], states
+    proposals = [tuple(sorted(t.params.items())) for t in study.trials if t.user_attrs.get("status") != "duplicate"]
+    assert len(set(proposals)) == len(proposals) == len(children)  # distinct configurations, each with its run
 
     assert {r["trial"] for r in result.front} <= {r.data.tags["trial_id"] for r in children if r.data.tags["status"] == "finished"}
     assert (result.sweep_dir / "figures" / "pareto_front.png").stat().st_size > 0

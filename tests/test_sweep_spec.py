@@ -147,3 +147,21 @@ def test_optuna_distributions() -> None:
 def test_param_spec_describe() -> None:
     assert ParamSpec(type="int", low=1, high=256, log=True).describe() == "int 1..256 (log)"
     assert ParamSpec(type="categorical", choices=["bottom", "top"]).describe() == "{bottom, top}"
+
+
+def test_initial_points_must_fit_the_space(tmp_path: Path) -> None:
+    space = {"num_prompts": {"type": "int", "low": 1, "high": 64}, "placement": {"type": "categorical", "choices": ["bottom", "top"]}}
+    spec = load_study_spec(write(tmp_path, {"search_space": space, "initial_points": [{"num_prompts": 8, "placement": "top"}]}))
+    assert spec.initial_points == [{"num_prompts": 8, "placement": "top"}]
+    assert "outside the search space" in refused(tmp_path, {"search_space": space, "initial_points": [{"num_prompts": 100, "placement": "top"}]})
+    assert "outside the search space" in refused(tmp_path, {"search_space": space, "initial_points": [{"num_prompts": 8, "placement": "middle"}]})
+    assert "exactly the searched knobs" in refused(tmp_path, {"search_space": space, "initial_points": [{"num_prompts": 8}]})
+
+
+def test_trial_failure_survives_pickling() -> None:
+    import pickle
+
+    from apt_ray.sweep.trial import TrialFailed
+
+    err = pickle.loads(pickle.dumps(TrialFailed("diverged", "loss is nan")))
+    assert (err.status, err.reason, str(err)) == ("diverged", "loss is nan", "diverged: loss is nan")

@@ -119,3 +119,42 @@ def test_config_file_must_be_a_mapping(tmp_path, capsys):
     cfg.write_text("- a\n- b\n")
     assert main(["train", "--config", str(cfg)]) == 2
     assert "not a mapping" in capsys.readouterr().err
+
+
+def test_backbone_checkpoint_problems_are_refused(tmp_path, capsys):
+    from apt_ray.models.presets import build_backbone
+
+    vilt_dir = tmp_path / "vilt"
+    build_backbone("tiny-vilt", vocab_size=64).save_pretrained(vilt_dir)
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "config.json").write_text("{not json")
+    cases = [
+        (["--checkpoint", str(tmp_path / "missing")], "does not exist"),
+        (["--checkpoint", str(corrupt)], "config.json"),
+        (["--model", "tiny-meter", "--checkpoint", str(vilt_dir)], "holds a 'vilt' model"),
+    ]
+    for extra, needle in cases:
+        assert main(["train", "--model", "tiny-vilt", *extra, f"output_dir={tmp_path}", "pretrained=false"]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err, err
+
+
+def test_interrupted_pretraining_leaves_no_cache_entry(tmp_path, monkeypatch):
+    from apt_ray.models.vilt import ViltBackbone
+    from apt_ray.train import pretrain as pt
+
+    spec = build_train_config(overrides={**TINY, "data_path": str(tmp_path)}).data_spec()
+
+    def boom(self, path):
+        (Path(path) / "partial").mkdir(parents=True)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ViltBackbone, "save_pretrained", boom)
+    with pytest.raises(KeyboardInterrupt):
+        pt.ensure_pretrained("tiny-vilt", spec, steps=1, progress=False)
+    target = pt.pretrained_dir("tiny-vilt", spec, steps=1)
+    assert not target.exists()
+    monkeypatch.undo()
+    built = pt.ensure_pretrained("tiny-vilt", spec, steps=1, progress=False)
+    assert built == target and (target / "pretrain.json").is_file() and (target / "config.json").is_file()

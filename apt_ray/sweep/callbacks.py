@@ -14,7 +14,8 @@ from typing import Any
 from ray.tune import Callback
 
 from apt_ray.sweep.budget import Verdict
-from apt_ray.sweep.trial import SweepContext, child_tags
+from apt_ray.config import TrainConfig
+from apt_ray.sweep.trial import SweepContext, child_tags, trial_params
 from apt_ray.tracking.mlflow import STATUS_TAG, Tracker
 
 log = logging.getLogger("apt_ray.sweep")
@@ -43,7 +44,7 @@ class RejectedRunLogger:
             if tracker.find_child(self.ctx.experiment_id, self.ctx.parent_run_id, trial_id) is not None:
                 return
             run_id = tracker.create_run(self.ctx.experiment_id, trial_id, child_tags(self.ctx, trial_id, "over_budget"))
-            tracker.log_params(run_id, {**self.base, **params, **self.ctx.resource_params()})
+            tracker.log_params(run_id, trial_params(TrainConfig.model_validate({**self.base, **params}), self.ctx))
             tracker.log_metrics(run_id, {"additional_gmacs": verdict.additional_gmacs, "updated_params": verdict.updated_params})
             tracker.set_tags(run_id, {"failure_reason": verdict.reason, "optuna_trial_number": number})
             tracker.finish(run_id, "KILLED")

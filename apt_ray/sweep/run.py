@@ -137,7 +137,7 @@ def _tuner(spec: StudySpec, sweep: SweepDir, ctx: SweepContext, resume: bool) ->
         _trainable(ctx),
         param_space=spec.base_config(),
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=_scheduler(spec), num_samples=spec.num_trials,
-                                    max_concurrent_trials=min(spec.concurrency, spec.num_trials)),
+                                    max_concurrent_trials=min(spec.concurrency, spec.num_trials), reuse_actors=True),
         run_config=tune.RunConfig(name=sweep.tune_dir.name, storage_path=str(sweep.root), callbacks=[RunCloser(ctx), ProgressLine(spec.num_trials)],
                                   failure_config=tune.FailureConfig(max_failures=0, fail_fast=False), verbose=0),
     )

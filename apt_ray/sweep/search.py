@@ -1,4 +1,5 @@
-"""``OptunaSearch`` with a FLOPs budget: over-budget proposals are told to Optuna as pruned and never become trials.
+"""``OptunaSearch`` with a FLOPs budget: over-budget proposals are told to Optuna as pruned and never become trials;
+so are repeats of a configuration already proposed (TPE repeats itself in small discrete spaces).
 
 The Optuna study lives in an RDB storage (sqlite beside the sweep's results),
 so it survives restarts and can be opened later with ``optuna.load_study``.
@@ -40,37 +41,49 @@ class BudgetedOptunaSearch(OptunaSearch):
         metric: Any = spec.metrics if spec.multi_objective else spec.metrics[0]
         mode: Any = spec.modes if spec.multi_objective else spec.modes[0]
         super().__init__(space=optuna_distributions(spec.space()), metric=metric, mode=mode, study_name=spec.name,
-                         storage=storage, seed=spec.seed)
-        self._base = spec.base_config()
+                         storage=storage, seed=spec.seed,
+                         points_to_evaluate=[dict(p) for p in spec.initial_points] or None)
         self._limit = spec.max_additional_gmacs
         self._spec = spec
         self._on_rejected = on_rejected
         self.rejected = 0
         self.exhausted = False
+        self._proposed: dict[tuple, int] = {}  # configuration -> Optuna trial number that first proposed it
 
     def suggest(self, trial_id: str) -> dict | None:
         for _ in range(MAX_REJECTIONS):
             params = super().suggest(trial_id)
             if params is None or params == Searcher.FINISHED:
                 return params
-            verdict = check_budget(self._spec.train_config(params), self._limit)
             ot_trial = self._ot_trials[trial_id]
+            key = _key(params)
+            if key in self._proposed:
+                ot_trial.set_user_attr("status", "duplicate")
+                ot_trial.set_user_attr("duplicate_of", self._proposed[key])
+                self._skip(trial_id)
+                continue
+            verdict = check_budget(self._spec.train_config(params), self._limit)
             ot_trial.set_user_attr("additional_gmacs", verdict.additional_gmacs)
-            ot_trial.set_user_attr("tune_trial_id", trial_id)
+            self._proposed[key] = ot_trial.number
             if verdict.within:
+                ot_trial.set_user_attr("tune_trial_id", trial_id)
                 return params
             # over budget: recorded as pruned in the study, never trained; ask again for this trial slot
             ot_trial.set_user_attr("status", "over_budget")
-            self._ot_study.tell(ot_trial, state=_pruned())
-            del self._ot_trials[trial_id]
+            self._skip(trial_id)
             self.rejected += 1
             log.info("Optuna trial %d is over the FLOPs budget (%.4g > %g GMACs): pruned before training",
                      ot_trial.number, verdict.additional_gmacs, self._limit)
             if self._on_rejected is not None:
                 self._on_rejected(ot_trial.number, params, verdict)
         self.exhausted = True
-        log.warning("%d proposals in a row were over the FLOPs budget: stopping the search", MAX_REJECTIONS)
+        log.warning("%d proposals in a row were over the FLOPs budget or repeats: the space is used up, stopping the search",
+                    MAX_REJECTIONS)
         return Searcher.FINISHED
+
+    def _skip(self, trial_id: str) -> None:
+        """Tell Optuna a proposal was pruned without training, and free the Tune trial's slot for a new one."""
+        self._ot_study.tell(self._ot_trials.pop(trial_id), state=_pruned())
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if error and trial_id in self._ot_trials and trial_id not in self._completed_trials:
@@ -80,6 +93,10 @@ class BudgetedOptunaSearch(OptunaSearch):
             self._completed_trials.add(trial_id)
             return
         super().on_trial_complete(trial_id, result, error)
+
+
+def _key(params: dict[str, Any]) -> tuple:
+    return tuple(sorted((k, round(v, 12) if isinstance(v, float) else v) for k, v in params.items()))
 
 
 def _pruned() -> Any:

@@ -62,6 +62,7 @@ class StudySpec(BaseModel):
     data: Literal["synthetic", "vqav2_arrow", "hf"] = "synthetic"
     fixed: dict[str, Any] = Field(default_factory=dict, description="TrainConfig settings every trial shares")
     search_space: dict[str, ParamSpec] | None = Field(None, description="replaces the default space when given")
+    initial_points: list[dict[str, Any]] = Field(default_factory=list, description="configurations tried first (every searched knob set)")
     objectives: list[Objective] = Field(default_factory=_default_objectives, min_length=1, max_length=3)
     num_trials: int = Field(8, ge=1)
     concurrency: int = Field(2, ge=1, description="trials running at once")
@@ -174,6 +175,7 @@ def check_spec(spec: StudySpec) -> None:
             raise UserError(f"'{name}' is both in fixed and in search_space: keep it in one of them.")
         for value in knob.bounds():
             _check_value(spec, name, value, limits)
+    _check_points(spec, space)
     _check_objectives(spec)
     _check_resources(spec)
     if spec.max_additional_gmacs is not None:
@@ -220,6 +222,19 @@ def _check_value(spec: StudySpec, name: str | None, value: Any, limits: Any) -> 
         )
     if cfg.layers is not None and any(i < 0 or i >= limits.num_layers for i in cfg.layers):
         raise UserError(f"{where}: layers {cfg.layers} name layers outside 0..{limits.num_layers - 1} of {spec.model}.")
+
+
+def _check_points(spec: StudySpec, space: dict[str, ParamSpec]) -> None:
+    for i, point in enumerate(spec.initial_points):
+        if set(point) != set(space):
+            raise UserError(f"initial_points[{i}] sets {sorted(point)} but the search space has {sorted(space)}: set exactly the searched knobs.")
+        for name, value in point.items():
+            knob = space[name]
+            inside = value in (knob.choices or []) if knob.type == "categorical" else (
+                isinstance(value, (int, float)) and not isinstance(value, bool) and knob.low <= value <= knob.high
+                and (knob.type == "float" or value == int(value)))
+            if not inside:
+                raise UserError(f"initial_points[{i}].{name}={value!r} is outside the search space ({knob.describe()}).")
 
 
 def _check_objectives(spec: StudySpec) -> None:

@@ -25,8 +25,11 @@ class TrialFailed(RuntimeError):
     """A trial ended without finishing; ``status`` is ``diverged`` or ``failed`` (the MLflow tag)."""
 
     def __init__(self, status: str, reason: str) -> None:
-        super().__init__(f"{status}: {reason}")
+        super().__init__(status, reason)  # args stay (status, reason): the error pickles across processes
         self.status, self.reason = status, reason
+
+    def __str__(self) -> str:
+        return f"{self.status}: {self.reason}"
 
 
 @dataclass(frozen=True)
@@ -75,8 +78,8 @@ def trial_params(cfg: TrainConfig, ctx: SweepContext) -> dict[str, Any]:
     return {**{k: v for k, v in cfg.model_dump().items() if v is not None}, **ctx.resource_params()}
 
 
-def log_profile(tracker: Tracker, run_id: str, cfg: TrainConfig) -> dict[str, float]:
-    """Measure the trial's FLOPs profile at its input shapes; log it as metrics and as a JSON artifact."""
+def measure_profile(cfg: TrainConfig) -> dict[str, Any]:
+    """The trial's FLOPs profile at its input shapes (``apt_ray.profile``), as a JSON-ready dict."""
     import torch
 
     from apt_ray.profile import profile
@@ -87,10 +90,40 @@ def log_profile(tracker: Tracker, run_id: str, cfg: TrainConfig) -> dict[str, fl
                    num_answers=cfg.answer_top_k)
     data = prof.to_dict()
     data["num_answers_assumed"] = cfg.answer_top_k  # the head width counted in base_gmacs (additional_* do not depend on it)
-    metrics = {k: data[k] for k in PROFILE_METRICS}
-    tracker.log_metrics(run_id, metrics, step=0)
-    tracker.log_json(run_id, data, PROFILE_ARTIFACT)
-    return {"additional_gmacs": prof.additional_gmacs, "updated_params": float(prof.updated_params)}
+    return data
+
+
+class ProfileJob:
+    """Measures the profile in a thread while the trainer starts (the trial process mostly waits on Ray)."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        import threading
+
+        self.result: dict[str, Any] | None = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(cfg,), name="flops-profile", daemon=True)
+        self._thread.start()
+
+    def _run(self, cfg: TrainConfig) -> None:
+        try:
+            self.result = measure_profile(cfg)
+        except Exception as e:  # noqa: BLE001 - reported by log_to
+            self.error = e
+
+    def log_to(self, tracker: Tracker, run_id: str, logged: dict[str, float]) -> None:
+        """Wait for the profile; log it as metrics (those not already ``logged`` at the same value) and as the
+        JSON artifact with the per-site breakdown."""
+        self._thread.join()
+        if self.result is None:
+            log.warning("FLOPs profile of run %s failed: %s", run_id, self.error)
+            tracker.set_tags(run_id, {"profile_error": str(self.error)[:500]})
+            return
+        data = self.result
+        tracker.log_metrics(run_id, {k: data[k] for k in PROFILE_METRICS if logged.get(k) != data[k]}, step=0)
+        tracker.log_json(run_id, data, PROFILE_ARTIFACT)
+        expected = logged["additional_gmacs"]
+        if abs(data["additional_gmacs"] - expected) > 1e-9 * max(1.0, expected):
+            tracker.set_tags(run_id, {"profile_mismatch": f"measured {data['additional_gmacs']} vs closed form {expected}"})
 
 
 def classify_failure(error: BaseException) -> TrialFailed:
@@ -112,8 +145,11 @@ def classify_failure(error: BaseException) -> TrialFailed:
 
 def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
     """One Tune trial (use through ``tune.with_parameters(run_trial, ctx=...)``)."""
+    import ray
     from ray import tune
 
+    from apt_ray.sweep.budget import trial_cost
+    from apt_ray.sweep.reporter import TrialReporter
     from apt_ray.train.distributed import make_trainer
 
     os.environ.update(ctx.env)  # the data cache and offline switches of the driver, on any node
@@ -122,13 +158,15 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
     cfg = build_train_config(overrides={k: v for k, v in config.items() if not k.startswith("_")})
     tracker = Tracker(ctx.tracking_uri)
     run_id, logged = open_child_run(tracker, ctx, trial_id, trial_name)
+    job: ProfileJob | None = None
+    constants: dict[str, float] = {}
     try:
-        import ray
-
         tracker.set_tags(run_id, {"ray_node_id": ray.get_runtime_context().get_node_id()})
         tracker.log_params(run_id, trial_params(cfg, ctx))
-        constants = log_profile(tracker, run_id, cfg)
-        from apt_ray.sweep.reporter import TrialReporter
+        cost = trial_cost(cfg)  # closed form, equal to the measured count (tests): the objective from the first report on
+        constants = {"additional_gmacs": cost.additional_gmacs, "updated_params": float(cost.updated_params)}
+        tracker.log_metrics(run_id, constants, step=0)
+        job = ProfileJob(cfg)
 
         trainer = make_trainer(
             cfg.model_dump(), workers=ctx.workers, use_gpu=ctx.gpus_per_worker > 0, storage_path=ctx.train_storage,
@@ -138,15 +176,19 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
         trainer.fit()
     except Exception as e:  # noqa: BLE001 - every failure is recorded on the run, then re-raised for Tune
         failure = e if isinstance(e, TrialFailed) else classify_failure(e)
-        _record_failure(tracker, run_id, failure)
+        if job is not None:
+            _best_effort(lambda: job.log_to(tracker, run_id, constants))
+        _best_effort(lambda: tracker.set_tags(run_id, {STATUS_TAG: failure.status, "failure_reason": failure.reason}))
+        _best_effort(lambda: tracker.finish(run_id, "FAILED"))
         raise failure from None
+    job.log_to(tracker, run_id, constants)
     tracker.set_tags(run_id, {STATUS_TAG: "finished"})
     tracker.finish(run_id, "FINISHED")
 
 
-def _record_failure(tracker: Tracker, run_id: str, failure: TrialFailed) -> None:
+def _best_effort(fn: Any) -> None:
+    """Bookkeeping after a failure: the trial's own error matters more than a tracking hiccup."""
     try:
-        tracker.set_tags(run_id, {STATUS_TAG: failure.status, "failure_reason": failure.reason})
-        tracker.finish(run_id, "FAILED")
-    except Exception as e:  # noqa: BLE001 - the trial's own error matters more
-        log.warning("could not mark run %s as failed in MLflow: %s", run_id, e)
+        fn()
+    except Exception as e:  # noqa: BLE001
+        log.warning("MLflow bookkeeping of a failed trial failed: %s", e)

@@ -26,7 +26,7 @@ from apt_ray.models.presets import build_backbone, get_preset
 
 PRETRAIN_VERSION = 1
 DEFAULT_STEPS = 1200
-MLM_PROB = 0.15
+MLM_PROB = 0.4
 
 
 class PretrainHeads(nn.Module):
