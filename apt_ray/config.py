@@ -53,10 +53,10 @@ class TrainConfig(BaseModel):
     answer_top_k: int = Field(3129, gt=0)
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
     # optimisation
-    epochs: int = Field(4, ge=1)
+    epochs: int = Field(3, ge=1)
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimiser steps")
     batch_size: int = Field(64, ge=1, description="global batch size (split over Ray Train workers)")
-    lr: float = Field(3e-3, gt=0)
+    lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     grad_clip: float = Field(1.0, gt=0)

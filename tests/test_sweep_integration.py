@@ -222,7 +222,7 @@ def test_resources_the_cluster_cannot_provide(ray_cluster: None, tmp_path: Path)
 CLUSTER = """
 import sys, ray
 from ray.cluster_utils import Cluster
-args = dict(num_cpus=1, node_ip_address="127.0.0.1", include_dashboard=False)
+args = dict(num_cpus=1, include_dashboard=False)
 cluster = Cluster(initialize_head=True, head_node_args=args)
 cluster.add_node(**args)
 cluster.wait_for_nodes()
@@ -234,7 +234,8 @@ cluster.shutdown()
 
 @pytest.fixture()
 def two_node_cluster(ray_cache: Path, ray_tmp: Path) -> Iterator[str]:
-    """A local Ray cluster of two nodes (1 CPU each) on 127.0.0.1, owned by a helper process."""
+    """A local Ray cluster of two nodes (1 CPU each) on this machine, owned by a helper process. (Ray itself turns a
+    127.0.0.1 address into the node's IP when connecting, so the nodes use that IP.)"""
     proc = subprocess.Popen([sys.executable, "-c", CLUSTER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                             env=subprocess_env(ray_cache, ray_tmp), start_new_session=True)
     address = proc.stdout.readline().strip()
@@ -256,7 +257,7 @@ def test_multi_node_cluster_needs_a_server(two_node_cluster: str, mlflow_server:
     base = [sys.executable, str(SCRIPT), "--config", str(cfg), "--address", two_node_cluster]
 
     refused = subprocess.run(base + ["--storage-path", str(tmp_path / "refused")], cwd=tmp_path, env=env, capture_output=True,
-                             text=True, timeout=300)
+                             text=True, timeout=180)
     assert refused.returncode == 2, refused.stderr[-3000:]
     assert "2 nodes" in refused.stderr and "mlflow server" in refused.stderr and "Traceback" not in refused.stderr
     assert not (tmp_path / "mlflow.db").exists() or not runs_exist(f"sqlite:///{tmp_path}/mlflow.db")

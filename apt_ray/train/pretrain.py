@@ -25,8 +25,8 @@ from apt_ray.errors import UserError
 from apt_ray.models.presets import build_backbone, get_preset
 
 PRETRAIN_VERSION = 1
-DEFAULT_STEPS = 1200
-MLM_PROB = 0.4
+DEFAULT_STEPS = 600
+MLM_PROB = 0.15
 
 
 class PretrainHeads(nn.Module):
