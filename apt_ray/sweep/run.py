@@ -16,7 +16,9 @@ from apt_ray.sweep.trial import SweepContext
 from apt_ray.tracking import mlflow as mt
 
 log = logging.getLogger("apt_ray.sweep")
-TRIAL_CPU = 0.01  # what the trial function itself holds: the Ray Train workers get the real CPUs
+# What the trial function itself holds: no CPU (even 0.01 CPU would leave a node of N CPUs unable to host a
+# worker that needs N, e.g. 8-CPU GPU nodes with 8 CPUs per worker), only memory for its own process.
+TRIAL_RESOURCES = {"CPU": 0, "memory": 256 * 1024**2}
 
 
 @dataclass
@@ -119,7 +121,7 @@ def _trainable(ctx: SweepContext) -> Any:
 
     from apt_ray.sweep.trial import run_trial
 
-    return tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"CPU": TRIAL_CPU})
+    return tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), dict(TRIAL_RESOURCES))
 
 
 def _tuner(spec: StudySpec, sweep: SweepDir, ctx: SweepContext, resume: bool) -> tuple[Any, Any]:
