@@ -53,7 +53,7 @@ def study_file(tmp_path: Path, **fields: Any) -> Path:
 
 def subprocess_env(cache: Path, ray_tmp: Path) -> dict[str, str]:
     return {**os.environ, "APT_RAY_CACHE": str(cache), "RAY_TMPDIR": str(ray_tmp), "PYTHONPATH": str(ROOT),
-            "RAY_DEDUP_LOGS": "1", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
+            "RAY_DEDUP_LOGS": "1"}
 
 
 @pytest.fixture()
@@ -307,7 +307,7 @@ def test_resume_continues_without_repeating(ray_cache: Path, ray_tmp: Path, tmp_
     assert "--resume" in text
     before = {r.data.tags["trial_id"]: r for r in runs_of(uri, "it-resume")[1]}
 
-    resumed = subprocess.run([sys.executable, str(SCRIPT), "--storage-path", str(sweep), "--resume", "--tracking-uri", uri],
+    resumed = subprocess.run([sys.executable, str(SCRIPT), "--storage-path", str(sweep), "--resume"],  # URI from the manifest
                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     parent, children = check_tracking(uri, "it-resume", epochs=2)

@@ -165,3 +165,17 @@ def test_trial_failure_survives_pickling() -> None:
 
     err = pickle.loads(pickle.dumps(TrialFailed("diverged", "loss is nan")))
     assert (err.status, err.reason, str(err)) == ("diverged", "loss is nan", "diverged: loss is nan")
+
+
+def test_asha_scheduler_settings(tmp_path: Path) -> None:
+    from ray.tune.schedulers import ASHAScheduler
+
+    from apt_ray.sweep.run import _scheduler
+
+    spec = load_study_spec(write(tmp_path, {"objectives": [{"metric": "val_vqa_score", "mode": "max"}], "fixed": {"epochs": 6},
+                                            "scheduler": {"grace_period": 2, "reduction_factor": 3}}))
+    asha = _scheduler(spec)
+    assert isinstance(asha, ASHAScheduler)
+    assert (asha._time_attr, asha.metric, asha.mode, asha._max_t, asha._reduction_factor) == ("epoch", "val_vqa_score", "max", 6, 3)
+    assert _scheduler(load_study_spec(None)) is None  # two objectives: FIFO
+

@@ -29,6 +29,7 @@ def test_normalize_uri(tmp_path: Path) -> None:
 def test_local_stores_and_redaction() -> None:
     assert mt.is_local_store("sqlite:////x.db") and mt.is_local_store("file:///x") and not mt.is_local_store("http://h:1")
     assert mt.redact("https://alice:s3cret@host:5000/p") == "https://***@host:5000/p"
+    assert mt.redact("sqlite:////abs/m.db") == "sqlite:////abs/m.db"
     assert "s3cret" not in str(mt.safe_params({"uri": "https://alice:s3cret@host", "api_token": "x", "lr": 0.1}))
     assert mt.safe_params({"api_token": "x", "lr": 0.1, "layers": [0, 1]}) == {"lr": "0.1", "layers": "[0, 1]"}
 

@@ -67,11 +67,11 @@ def is_local_store(uri: str) -> bool:
 def redact(uri: str) -> str:
     """The URI without user/password (safe to print or log)."""
     parts = urlsplit(uri)
-    if parts.username or parts.password:
-        host = parts.hostname or ""
-        netloc = host + (f":{parts.port}" if parts.port else "")
-        parts = parts._replace(netloc="***@" + netloc)
-    return urlunsplit(parts)
+    if not (parts.username or parts.password):
+        return uri  # untouched: urlunsplit would turn sqlite:////abs into sqlite://abs
+    host = parts.hostname or ""
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc="***@" + netloc))
 
 
 def sqlite_path(uri: str) -> Path | None:
