@@ -19,7 +19,7 @@ import ray
 import ray.train
 import torch
 
-from apt_ray.train.session import latest_checkpoint
+from apt_ray.train.session import user_resume_checkpoint
 
 WORK_DIR = ".apt_ray"  # inside the run's directory: survives worker restarts
 
@@ -66,14 +66,7 @@ class RaySession:
     def resume_checkpoint(self) -> Path | None:
         """The checkpoint Ray Train restored (after a failure), else ``resume_from``, else None."""
         if self._restored is None:
-            if self.resume_from is None:
-                return None
-            found = latest_checkpoint(self.resume_from)
-            if found is None:
-                from apt_ray.errors import UserError
-
-                raise UserError(f"resume_from '{self.resume_from}' holds no checkpoint: pass a checkpoint directory or an output_dir with checkpoints/step_*.")
-            return found
+            return user_resume_checkpoint(self.resume_from)
         if getattr(self._restored.filesystem, "type_name", "") == "local" and Path(self._restored.path).is_dir():
             return Path(self._restored.path)
         target = self._work_dir / f"restore-rank{self.rank}"

@@ -34,6 +34,18 @@ def latest_checkpoint(path: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def user_resume_checkpoint(resume_from: str | Path | None) -> Path | None:
+    """The checkpoint a user's ``resume_from`` names (None when unset); refuses a path holding none."""
+    if resume_from is None:
+        return None
+    found = latest_checkpoint(resume_from)
+    if found is None:
+        from apt_ray.errors import UserError
+
+        raise UserError(f"resume_from '{resume_from}' holds no checkpoint: pass a checkpoint directory or an output_dir with checkpoints/step_*.")
+    return found
+
+
 class LocalSession:
     """A standalone run: checkpoints go to ``output_dir/checkpoints/step_N`` (the last ``keep`` kept)."""
 
@@ -60,14 +72,7 @@ class LocalSession:
             shutil.rmtree(old, ignore_errors=True)
 
     def resume_checkpoint(self) -> Path | None:
-        if self.resume_from is None:
-            return None
-        found = latest_checkpoint(self.resume_from)
-        if found is None:
-            from apt_ray.errors import UserError
-
-            raise UserError(f"resume_from '{self.resume_from}' holds no checkpoint: pass a checkpoint directory or an output_dir with checkpoints/step_*.")
-        return found
+        return user_resume_checkpoint(self.resume_from)
 
     def checkpoint_scratch(self) -> Path:
         d = self.output_dir / ".scratch"
