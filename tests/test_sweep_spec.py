@@ -176,6 +176,6 @@ def test_asha_scheduler_settings(tmp_path: Path) -> None:
                                             "scheduler": {"grace_period": 2, "reduction_factor": 3}}))
     asha = _scheduler(spec)
     assert isinstance(asha, ASHAScheduler)
-    assert (asha._time_attr, asha.metric, asha.mode, asha._max_t, asha._reduction_factor) == ("epoch", "val_vqa_score", "max", 6, 3)
+    assert (asha._time_attr, asha._metric, asha._mode, asha._max_t, asha._reduction_factor) == ("epoch", "val_vqa_score", "max", 6, 3)
     assert _scheduler(load_study_spec(None)) is None  # two objectives: FIFO
 

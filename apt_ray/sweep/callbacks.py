@@ -53,10 +53,11 @@ class RejectedRunLogger:
 
 
 class RunCloser(Callback):
-    """Closes a trial's child run when the trial ended but the run is still RUNNING."""
+    """Closes a trial's child run when the trial ended but the run is still RUNNING: Tune (ASHA) stopped it,
+    after all ``epochs`` (``finished``) or before (``stopped_early``), or its process died (``failed``)."""
 
-    def __init__(self, ctx: SweepContext) -> None:
-        self.ctx = ctx
+    def __init__(self, ctx: SweepContext, epochs: int) -> None:
+        self.ctx, self.epochs = ctx, epochs
 
     def _close(self, trial: Any, status: str, run_status: str, reason: str | None = None) -> None:
         tracker = Tracker(self.ctx.tracking_uri)
@@ -73,7 +74,8 @@ class RunCloser(Callback):
             log.warning("could not close the MLflow run of trial %s: %s", trial.trial_id, e)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._close(trial, "stopped_early", "FINISHED")
+        epoch = (trial.last_result or {}).get("epoch", 0)
+        self._close(trial, "finished" if epoch >= self.epochs else "stopped_early", "FINISHED")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._close(trial, "failed", "FAILED", trial_error(trial))

@@ -66,7 +66,8 @@ def _resume_spec(manifest: Manifest, spec: StudySpec | None) -> StudySpec:
     """The sweep's own spec; a different one given alongside --resume is refused (Tune cannot change it midway)."""
     stored = StudySpec.model_validate(manifest.spec)
     if spec is not None:
-        a, b = stored.model_dump(exclude={"tracking_uri", "experiment", "storage_path"}), spec.model_dump(exclude={"tracking_uri", "experiment", "storage_path"})
+        where = {"tracking_uri", "experiment", "storage_path"}
+        a, b = stored.model_dump(exclude=where), spec.model_dump(exclude=where)
         diff = [k for k in a if a[k] != b[k]]
         if diff:
             raise UserError(f"--resume continues the sweep with the settings it started with, but these differ: {', '.join(diff)}. "
@@ -84,7 +85,8 @@ def _check_resume_target(manifest: Manifest, uri: str | None, experiment: str | 
 
 
 def _parent_params(spec: StudySpec, space: dict[str, Any]) -> dict[str, Any]:
-    flat = {k: v for k, v in spec.model_dump(mode="json", exclude={"fixed", "search_space", "objectives", "scheduler", "resources", "tracking_uri"}).items() if v is not None}
+    nested = {"fixed", "search_space", "initial_points", "objectives", "scheduler", "resources", "tracking_uri"}
+    flat = {k: v for k, v in spec.model_dump(mode="json", exclude=nested).items() if v is not None}
     flat.update({f"fixed.{k}": v for k, v in spec.fixed.items()})
     flat.update({f"resources.{k}": v for k, v in spec.resources.model_dump().items()})
     flat["objectives"] = ", ".join(f"{o.mode}:{o.metric}" for o in spec.objectives)
@@ -128,6 +130,7 @@ def _tuner(spec: StudySpec, sweep: SweepDir, ctx: SweepContext, resume: bool) ->
     from ray import tune
 
     from apt_ray.sweep.callbacks import ProgressLine, RejectedRunLogger, RunCloser
+    from apt_ray.sweep.reaper import PlacementGroupReaper
     from apt_ray.sweep.search import BudgetedOptunaSearch, optuna_storage
 
     if resume:
@@ -139,18 +142,28 @@ def _tuner(spec: StudySpec, sweep: SweepDir, ctx: SweepContext, resume: bool) ->
         _trainable(ctx),
         param_space=spec.base_config(),
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=_scheduler(spec), num_samples=spec.num_trials,
-                                    max_concurrent_trials=min(spec.concurrency, spec.num_trials), reuse_actors=True),
-        run_config=tune.RunConfig(name=sweep.tune_dir.name, storage_path=str(sweep.root), callbacks=[RunCloser(ctx), ProgressLine(spec.num_trials)],
-                                  failure_config=tune.FailureConfig(max_failures=0, fail_fast=False), verbose=0),
+                                    max_concurrent_trials=min(spec.concurrency, spec.num_trials)),
+        run_config=tune.RunConfig(
+            name=sweep.tune_dir.name, storage_path=str(sweep.root), verbose=0,
+            callbacks=[RunCloser(ctx, spec.epochs), ProgressLine(spec.num_trials), PlacementGroupReaper()],
+            failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
     )
     return tuner, searcher
 
 
-def _interrupted(grid: Any, spec: StudySpec, searcher: Any) -> bool:
-    """Trials left unfinished, or fewer trials than asked for (unless the budget ended the search)."""
+def _interrupted(grid: Any, spec: StudySpec, searcher: Any, optuna_url: str) -> bool:
+    """Trials left unfinished, or fewer trials than asked for (unless the budget ended the search).
+
+    A trial Tune stops because the sweep was interrupted (SIGINT) ends TERMINATED like a finished one,
+    but the search never heard back about it: its Optuna trial is still RUNNING in the stored study.
+    """
+    import optuna
+
     unfinished = len(grid) - grid.num_terminated - grid.num_errors
     exhausted = bool(getattr(searcher, "exhausted", False))
-    return unfinished > 0 or (len(grid) < spec.num_trials and not exhausted)
+    study = optuna.load_study(study_name=spec.name, storage=optuna_url)
+    asked_not_told = any(t.state == optuna.trial.TrialState.RUNNING for t in study.get_trials(deepcopy=False))
+    return unfinished > 0 or asked_not_told or (len(grid) < spec.num_trials and not exhausted)
 
 
 def run_study(
@@ -179,18 +192,25 @@ def run_study(
     else:
         assert spec is not None
         check_spec(spec)
-        sweep.ensure_new()
+        if sweep.exists():
+            sweep.ensure_new()  # refuses, naming --resume
     assert spec is not None
     uri = mt.check_tracking_uri(tracking_uri or spec.tracking_uri or mt.DEFAULT_TRACKING_URI)
     experiment = experiment or spec.experiment or spec.name
 
     from apt_ray.train import distributed as dist
 
+    if address is None:
+        from apt_ray.sweep.prepare import prepare_pretrained_backbone
+
+        prepare_pretrained_backbone(spec)  # on a cluster, the trials build it where they run
     started = dist.connect(address)
     try:
         mt.refuse_local_store_on_cluster(uri, _node_ips())
         need = dist.per_worker_resources(spec.resources.gpus_per_worker > 0, _worker_resources(spec))
         dist.check_capacity(spec.resources.workers, need)
+        if manifest is None:
+            sweep.ensure_new()
         return _run(spec, sweep, uri, experiment, manifest)
     finally:
         if started:
@@ -232,7 +252,7 @@ def _run(spec: StudySpec, sweep: SweepDir, uri: str, experiment: str, manifest: 
         tracker.set_tags(parent, {mt.STATUS_TAG: "interrupted"})
         tracker.finish(parent, "KILLED")
         raise
-    return _finish(spec, sweep, tracker, uri, experiment, experiment_id, parent, _interrupted(grid, spec, searcher))
+    return _finish(spec, sweep, tracker, uri, experiment, experiment_id, parent, _interrupted(grid, spec, searcher, sweep.optuna_url))
 
 
 def _finish(spec: StudySpec, sweep: SweepDir, tracker: mt.Tracker, uri: str, experiment: str, experiment_id: str,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from apt_ray.config import TrainConfig, build_train_config
@@ -17,6 +18,7 @@ from apt_ray.tracking.mlflow import COMMIT_TAG, KIND_TAG, PARENT_TAG, STATUS_TAG
 
 log = logging.getLogger("apt_ray.sweep")
 PROFILE_ARTIFACT = "flops_profile.json"
+UNSENT_FILE = "mlflow_unsent.jsonl"  # beside the trial's Ray Train results: writes MLflow never took
 PROFILE_METRICS = ("additional_gmacs", "analytic_additional_gmacs", "measured_additional_gmacs", "base_gmacs",
                    "total_gmacs", "updated_params", "trainable_params", "sites")
 
@@ -62,15 +64,42 @@ def child_tags(ctx: SweepContext, trial_id: str, status: str) -> dict[str, str]:
             "mlflow.source.git.commit": ctx.git_commit, KIND_TAG: "trial"}
 
 
-def open_child_run(tracker: Tracker, ctx: SweepContext, trial_id: str, name: str) -> tuple[str, int]:
-    """The trial's child run (reopened when a resumed sweep reruns it) and how many epochs it has logged."""
-    found = tracker.find_child(ctx.experiment_id, ctx.parent_run_id, trial_id)
+def open_child_run(tracker: Tracker, ctx: SweepContext, trial_id: str, name: str, found: Any = None) -> tuple[str, int]:
+    """The trial's child run (``found``, reopened when a resumed sweep reruns it) and how many epochs it has logged."""
     if found is None:
         return tracker.create_run(ctx.experiment_id, name, child_tags(ctx, trial_id, "running")), 0
     run_id = found.info.run_id
     tracker.reopen(run_id)
     tracker.set_tags(run_id, {STATUS_TAG: "running"})
     return run_id, max(0, tracker.last_step(run_id, "val_vqa_score"))
+
+
+def finished_earlier(run: Any) -> bool:
+    """A child run its trial finished before the sweep driver was stopped (Tune's saved state may lag behind)."""
+    return run is not None and run.info.status == "FINISHED" and run.data.tags.get(STATUS_TAG) == "finished"
+
+
+def recorded_result(tracker: Tracker, run: Any) -> dict[str, Any]:
+    """What a finished trial reported at its last epoch, read back from its run (for Tune and Optuna)."""
+    result = {k: v for k, v in run.data.metrics.items()}
+    result["epoch"] = max(0, tracker.last_step(run.info.run_id, "val_vqa_score"))
+    return result
+
+
+def sync_history(tracker: Tracker, run_id: str, history: list[dict[str, Any]]) -> int:
+    """Log the epochs of ``history`` (Ray Train's own record) that the run lacks; returns how many.
+
+    The per-epoch metrics are written by the Train controller as they come; if MLflow was unreachable and
+    the controller ended before it came back, its buffered writes are gone, and this writes them again."""
+    from apt_ray.sweep.reporter import EPOCH_KEYS
+
+    logged = tracker.metric_steps(run_id, "val_vqa_score")
+    missing = [h for h in history if int(h.get("epoch", 0)) not in logged and "val_vqa_score" in h]
+    for h in missing:
+        tracker.log_metrics(run_id, {k: h[k] for k in EPOCH_KEYS if k in h}, step=int(h["epoch"]))
+    if missing:
+        log.warning("run %s: wrote %d epoch(s) of metrics that MLflow had missed", run_id, len(missing))
+    return len(missing)
 
 
 def trial_params(cfg: TrainConfig, ctx: SweepContext) -> dict[str, Any]:
@@ -94,36 +123,36 @@ def measure_profile(cfg: TrainConfig) -> dict[str, Any]:
 
 
 class ProfileJob:
-    """Measures the profile in a thread while the trainer starts (the trial process mostly waits on Ray)."""
+    """Measures the profile in a thread while the trainer starts (the trial process mostly waits on Ray) and
+    logs it as soon as it is ready, so a trial that Tune stops early still has it."""
 
-    def __init__(self, cfg: TrainConfig) -> None:
+    def __init__(self, cfg: TrainConfig, tracker: Tracker, run_id: str, logged: dict[str, float]) -> None:
         import threading
 
-        self.result: dict[str, Any] | None = None
-        self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(cfg,), name="flops-profile", daemon=True)
+        self.cfg, self.tracker, self.run_id, self.logged = cfg, tracker, run_id, dict(logged)
+        self._thread = threading.Thread(target=self._run, name="flops-profile", daemon=True)
         self._thread.start()
 
-    def _run(self, cfg: TrainConfig) -> None:
+    def _run(self) -> None:
         try:
-            self.result = measure_profile(cfg)
-        except Exception as e:  # noqa: BLE001 - reported by log_to
-            self.error = e
+            self._log(measure_profile(self.cfg))
+        except Exception as e:  # noqa: BLE001 - a missing profile must not fail the trial
+            log.warning("FLOPs profile of run %s failed: %s", self.run_id, e)
+            try:
+                self.tracker.set_tags(self.run_id, {"profile_error": str(e)[:500]})
+            except Exception:  # noqa: BLE001
+                pass
 
-    def log_to(self, tracker: Tracker, run_id: str, logged: dict[str, float]) -> None:
-        """Wait for the profile; log it as metrics (those not already ``logged`` at the same value) and as the
-        JSON artifact with the per-site breakdown."""
-        self._thread.join()
-        if self.result is None:
-            log.warning("FLOPs profile of run %s failed: %s", run_id, self.error)
-            tracker.set_tags(run_id, {"profile_error": str(self.error)[:500]})
-            return
-        data = self.result
-        tracker.log_metrics(run_id, {k: data[k] for k in PROFILE_METRICS if logged.get(k) != data[k]}, step=0)
-        tracker.log_json(run_id, data, PROFILE_ARTIFACT)
-        expected = logged["additional_gmacs"]
+    def _log(self, data: dict[str, Any]) -> None:
+        """Metrics (those not already logged at the same value) and the JSON artifact with the per-site breakdown."""
+        self.tracker.log_metrics(self.run_id, {k: data[k] for k in PROFILE_METRICS if self.logged.get(k) != data[k]}, step=0)
+        self.tracker.log_json(self.run_id, data, PROFILE_ARTIFACT)
+        expected = self.logged["additional_gmacs"]
         if abs(data["additional_gmacs"] - expected) > 1e-9 * max(1.0, expected):
-            tracker.set_tags(run_id, {"profile_mismatch": f"measured {data['additional_gmacs']} vs closed form {expected}"})
+            self.tracker.set_tags(self.run_id, {"profile_mismatch": f"measured {data['additional_gmacs']} vs closed form {expected}"})
+
+    def wait(self, timeout: float | None = 300) -> None:
+        self._thread.join(timeout)
 
 
 def classify_failure(error: BaseException) -> TrialFailed:
@@ -156,34 +185,48 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
     tctx = tune.get_context()
     trial_id, trial_name = tctx.get_trial_id(), tctx.get_trial_name()
     cfg = build_train_config(overrides={k: v for k, v in config.items() if not k.startswith("_")})
-    tracker = Tracker(ctx.tracking_uri)
-    run_id, logged = open_child_run(tracker, ctx, trial_id, trial_name)
+    tracker = Tracker(ctx.tracking_uri, buffered=True)  # an MLflow outage queues writes; training goes on
+    spill = Path(ctx.train_storage) / trial_id / UNSENT_FILE
+    found = tracker.find_child(ctx.experiment_id, ctx.parent_run_id, trial_id)
+    if finished_earlier(found):
+        # a resumed sweep whose driver was killed before Tune saved this trial's end: report, do not train again
+        log.warning("trial %s finished before the sweep was stopped (MLflow run %s): reporting its results", trial_id, found.info.run_id)
+        tune.report(recorded_result(tracker, found))
+        return
+    run_id, logged = open_child_run(tracker, ctx, trial_id, trial_name, found)
     job: ProfileJob | None = None
-    constants: dict[str, float] = {}
     try:
         tracker.set_tags(run_id, {"ray_node_id": ray.get_runtime_context().get_node_id()})
         tracker.log_params(run_id, trial_params(cfg, ctx))
         cost = trial_cost(cfg)  # closed form, equal to the measured count (tests): the objective from the first report on
         constants = {"additional_gmacs": cost.additional_gmacs, "updated_params": float(cost.updated_params)}
         tracker.log_metrics(run_id, constants, step=0)
-        job = ProfileJob(cfg)
+        job = ProfileJob(cfg, tracker, run_id, constants)
 
         trainer = make_trainer(
             cfg.model_dump(), workers=ctx.workers, use_gpu=ctx.gpus_per_worker > 0, storage_path=ctx.train_storage,
             name=trial_id, resources_per_worker=ctx.resources_per_worker(),
-            callbacks=[TrialReporter(tracker, run_id, constants, logged)],
+            callbacks=[TrialReporter(Tracker(ctx.tracking_uri, buffered=True), run_id, constants, logged)],
         )
-        trainer.fit()
+        result = trainer.fit()
+    except ray.exceptions.RayActorError:
+        # the Train controller died with this trial's process: Tune is stopping the trial (ASHA), or the node
+        # went away; the driver's RunCloser records which, so nothing is written here
+        raise
     except Exception as e:  # noqa: BLE001 - every failure is recorded on the run, then re-raised for Tune
         failure = e if isinstance(e, TrialFailed) else classify_failure(e)
         if job is not None:
-            _best_effort(lambda: job.log_to(tracker, run_id, constants))
+            job.wait()
         _best_effort(lambda: tracker.set_tags(run_id, {STATUS_TAG: failure.status, "failure_reason": failure.reason}))
         _best_effort(lambda: tracker.finish(run_id, "FAILED"))
+        tracker.close(spill)
         raise failure from None
-    job.log_to(tracker, run_id, constants)
+    job.wait()
+    history = result.return_value.get("history", []) if isinstance(result.return_value, dict) else []
+    _best_effort(lambda: sync_history(tracker, run_id, history))
     tracker.set_tags(run_id, {STATUS_TAG: "finished"})
     tracker.finish(run_id, "FINISHED")
+    tracker.close(spill)
 
 
 def _best_effort(fn: Any) -> None:
