@@ -24,6 +24,9 @@ def ray_cluster(ray_cache: Path) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
+    from apt_ray.train.distributed import local_ray_env
+
+    local_ray_env()
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
              runtime_env={"worker_process_setup_hook": "apt_ray.train.distributed.quiet_ray_logs"})
     try:

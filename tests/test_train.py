@@ -36,6 +36,20 @@ def test_same_seed_same_metrics(tmp_path):
     assert a["history"][-1]["train_loss"] != c["history"][-1]["train_loss"]
 
 
+def test_result_times_the_set_up_before_the_first_step(tmp_path):
+    """started_unix/setup_s (what benchmarks/trial_overhead.py and the sweeps' start-up figure rest on): the set-up
+    lies between the call and the end of the run, and it is not the training itself."""
+    import time
+
+    t0 = time.time()
+    res = _run(tmp_path, max_steps=4)
+    t1 = time.time()
+    assert t0 <= res["started_unix"] <= res["started_unix"] + res["setup_s"] <= t1
+    assert res["setup_s"] > 0 and res["torch_threads"] >= 1
+    train_s = res["global_step"] * res["step_time_ms"] / 1000
+    assert res["setup_s"] + train_s <= t1 - t0
+
+
 def test_short_run_lowers_the_loss(tmp_path):
     cfg = build_train_config(overrides={**TINY, "epochs": 3, "output_dir": str(tmp_path), "lr": 5e-3, "method": "linear_probe"})
     trainer = Trainer(cfg, LocalSession(tmp_path))

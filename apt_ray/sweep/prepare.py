@@ -15,10 +15,8 @@ log = logging.getLogger("apt_ray.sweep")
 
 def prepare_pretrained_backbone(spec: StudySpec) -> None:
     """Build (or find in the cache) the tiny backbone the trials load, when they load one."""
-    cfg = spec.train_config({})
-    if cfg.checkpoint or not cfg.pretrained or not cfg.model.startswith("tiny-") or cfg.data != "synthetic":
-        return
-    from apt_ray.train.pretrain import ensure_pretrained
+    from apt_ray.train.loop import self_pretrained_backbone
 
-    path = ensure_pretrained(cfg.model, cfg.data_spec())
-    log.info("self-pretrained %s backbone: %s", cfg.model, path)
+    path = self_pretrained_backbone(spec.train_config({}))
+    if path is not None:
+        log.info("self-pretrained %s backbone: %s", spec.model, path)

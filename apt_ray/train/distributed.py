@@ -118,6 +118,15 @@ def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
         ) from None
 
 
+def local_ray_env() -> None:
+    """Settings for a Ray instance this process starts on its own machine (its processes inherit them).
+
+    Ray Train's preemption watcher (one more actor process per run) polls for spot-node
+    preemption notices, which a single-machine instance never gets.
+    """
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
+
 def connect(address: str | None) -> bool:
     """Connect to Ray at ``address`` (or start a local instance); True if this call started Ray."""
     import ray
@@ -132,6 +141,7 @@ def connect(address: str | None) -> bool:
         if address:
             ray.init(address=address, logging_level=logging.WARNING)
         else:
+            local_ray_env()
             ray.init(include_dashboard=False, logging_level=logging.WARNING,
                      runtime_env={"worker_process_setup_hook": QUIET_HOOK})
     except (ConnectionError, RuntimeError, ValueError) as e:

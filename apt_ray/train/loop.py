@@ -68,22 +68,29 @@ def pick_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
+def self_pretrained_backbone(cfg: TrainConfig) -> Path | None:
+    """The cached self-pretrained tiny backbone this trial loads (built on first use), or None if it loads none."""
+    if cfg.checkpoint or not cfg.pretrained or not cfg.model.startswith("tiny-"):
+        return None
+    if cfg.data != "synthetic":
+        raise UserError(
+            f"the self-pretrained {cfg.model} knows only the synthetic vocabulary, but data={cfg.data}: "
+            "pass checkpoint=... (a backbone trained for your tokenizer) or pretrained=false."
+        )
+    from apt_ray.train.pretrain import ensure_pretrained
+
+    return ensure_pretrained(cfg.model, cfg.data_spec())
+
+
 def load_backbone(cfg: TrainConfig, vocab_size: int) -> nn.Module:
     """The backbone of a trial: a checkpoint, the self-pretrained tiny backbone, or random weights."""
-    preset = get_preset(cfg.model)
     if cfg.checkpoint:
         return build_backbone(cfg.model, cfg.checkpoint, vocab_size)
-    if cfg.pretrained and cfg.model.startswith("tiny-"):
-        if cfg.data != "synthetic":
-            raise UserError(
-                f"the self-pretrained {cfg.model} knows only the synthetic vocabulary, but data={cfg.data}: "
-                "pass checkpoint=... (a backbone trained for your tokenizer) or pretrained=false."
-            )
-        from apt_ray.train.pretrain import ensure_pretrained
-
-        return build_backbone(cfg.model, ensure_pretrained(cfg.model, cfg.data_spec()), vocab_size)
+    pretrained = self_pretrained_backbone(cfg)
+    if pretrained is not None:
+        return build_backbone(cfg.model, pretrained, vocab_size)
     if cfg.pretrained:
-        log.warning("%s has no checkpoint: training on random backbone weights (pass checkpoint=... for real runs)", preset.name)
+        log.warning("%s has no checkpoint: training on random backbone weights (pass checkpoint=... for real runs)", get_preset(cfg.model).name)
     return build_backbone(cfg.model, None, vocab_size)
 
 
@@ -103,6 +110,8 @@ class Trainer:
     """One trial's state and its epochs."""
 
     def __init__(self, cfg: TrainConfig, session: Session, progress: bool = False) -> None:
+        self.started_unix = time.time()  # wall clock, comparable with the driver's: the platform's start-up cost
+        self.setup_s: float | None = None  # from here to the first training step (model, method, data)
         self.cfg, self.session, self.progress = cfg, session, progress
         seed_everything(cfg.seed)
         self.device = pick_device(cfg.device)
@@ -212,6 +221,8 @@ class Trainer:
             for i, batch in enumerate(loader):
                 if i < self.step_in_epoch:
                     continue  # resuming mid-epoch: same (seed, epoch) order, so skip what was done
+                if self.setup_s is None:
+                    self.setup_s = time.time() - self.started_unix
                 t0 = time.perf_counter()
                 loss = self._train_step(batch)
                 step_times.append(time.perf_counter() - t0)
@@ -266,6 +277,8 @@ class Trainer:
             "step_time_ms": statistics.fmean(h["step_time_ms"] for h in self.history) if self.history else 0.0,
             "train_loss": last.get("train_loss", float("nan")),
             "restarts": self.restarts, "world_size": self.session.world_size,
+            "started_unix": self.started_unix, "setup_s": self.setup_s if self.setup_s is not None else 0.0,
+            "torch_threads": torch.get_num_threads(),
             "history": self.history,
         }
 
