@@ -100,7 +100,7 @@ def _train(args: argparse.Namespace) -> int:
     from apt_ray.config import build_train_config, parse_overrides
 
     overrides = parse_overrides(args.overrides)
-    for key in ("model", "method", "data", "epochs", "checkpoint"):
+    for key in ("model", "method", "data", "epochs", "checkpoint", "inject_failure_at_step"):
         value = getattr(args, key)
         if value is not None:
             overrides[key] = value
@@ -127,16 +127,10 @@ def _train(args: argparse.Namespace) -> int:
 
 def _write_json(path: str | None, data: dict) -> None:
     """Write ``data`` to ``path`` atomically (never a half-written file over a good one)."""
-    if not path:
-        return
-    import os
-    from pathlib import Path
+    if path:
+        from apt_ray.io import write_json_atomic
 
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, target)
+        write_json_atomic(path, data)
 
 
 def format_result(result: dict) -> str:
@@ -197,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--address", default=None, help="Ray cluster address (default: a local instance)")
     t.add_argument("--max-failures", type=int, default=0, help="worker failures Ray Train may recover from")
     t.add_argument("--gpus-per-worker", type=float, default=0, help="GPUs per Ray Train worker")
+    t.add_argument("--inject-failure-at-step", type=int, default=None,
+                   help="testing: the last worker process dies abruptly once at this step (with --workers and --max-failures)")
     t.add_argument("overrides", nargs="*", help="key=value settings, e.g. lr=1e-3 num_prompts=32")
     t.set_defaults(func=_train)
 

@@ -53,3 +53,27 @@ def test_model_limits() -> None:
     assert (model_limits("tiny-meter").num_layers, model_limits("tiny-meter").hidden_size) == (4, 64)
     assert (model_limits("vilt-b32").num_layers, model_limits("vilt-b32").hidden_size) == (12, 768)
     assert model_limits("meter-clip16-roberta").num_layers == 6
+
+
+def test_search_knows_which_trials_it_never_heard_the_end_of(tmp_path) -> None:
+    """What tells an interrupted sweep (SIGINT: Tune ends running trials as TERMINATED) from a finished one."""
+    from apt_ray.sweep.run import _interrupted
+    from apt_ray.sweep.search import BudgetedOptunaSearch, optuna_storage
+    from apt_ray.sweep.spec import StudySpec
+
+    spec = StudySpec(name="untold", num_trials=2, fixed={"pretrained": False})
+    search = BudgetedOptunaSearch(spec, optuna_storage(f"sqlite:///{tmp_path}/o.db"))
+    search.set_search_properties(None, None, {})
+    assert search.suggest("a") and search.suggest("b")
+    search.on_trial_complete("a", {"val_vqa_score": 50.0, "additional_gmacs": 0.01})
+
+    class Grid:  # what Tune returns after Ctrl-C: both trials TERMINATED
+        num_terminated, num_errors = 2, 0
+
+        def __len__(self) -> int:
+            return 2
+
+    assert search.untold() == ["b"]
+    assert _interrupted(Grid(), spec, search)
+    search.on_trial_complete("b", {"val_vqa_score": 40.0, "additional_gmacs": 0.001})
+    assert search.untold() == [] and not _interrupted(Grid(), spec, search)

@@ -63,38 +63,61 @@ def ray_tmp() -> Iterator[Path]:
     yield path
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real ``mlflow server`` on 127.0.0.1 (sqlite backend, local artifact destination), stopped after."""
-    d = tmp_path_factory.mktemp("mlflow_server")
-    port = free_port()
-    exe = Path(sys.executable).parent / "mlflow"
-    log = open(d / "server.log", "w")
-    proc = subprocess.Popen([str(exe), "server", "--host", "127.0.0.1", "--port", str(port), "--backend-store-uri",
-                             f"sqlite:///{d}/m.db", "--artifacts-destination", str(d / "art"), "--workers", "1"],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while True:
-        try:
-            with urllib.request.urlopen(uri + "/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            pytest.fail(f"mlflow server did not start: {(d / 'server.log').read_text()[-2000:]}")
-        time.sleep(0.5)
-    try:
-        yield uri
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the server's own process group (its uvicorn workers)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+class MlflowServer:
+    """A real ``mlflow server`` on 127.0.0.1 (sqlite backend, local artifact destination) that a test can stop and
+    start again on the same port, with the same stores."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.port = root, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    def start(self, timeout: float = 180) -> None:
+        exe = Path(sys.executable).parent / "mlflow"
+        log = open(self.root / f"server-{self.starts}.log", "w")
+        self.starts += 1
+        self.proc = subprocess.Popen([str(exe), "server", "--host", "127.0.0.1", "--port", str(self.port), "--backend-store-uri",
+                                      f"sqlite:///{self.root}/m.db", "--artifacts-destination", str(self.root / "art"), "--workers", "1"],
+                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
+        deadline = time.time() + timeout
+        while not self.healthy():
+            if self.proc.poll() is not None or time.time() > deadline:
+                self.stop()
+                pytest.fail(f"mlflow server did not start: {(self.root / f'server-{self.starts - 1}.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.uri + "/health", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        """SIGTERM to the server's own process group (its uvicorn workers), SIGKILL if it lingers."""
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+        except ProcessLookupError:
+            pass
+        self.proc = None
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow_server"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 # -- checks shared by the sweeps --------------------------------------------------------
@@ -250,8 +273,24 @@ def two_node_cluster(ray_cache: Path, ray_tmp: Path) -> Iterator[str]:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def test_multi_node_cluster_needs_a_server(two_node_cluster: str, mlflow_server: str, ray_cache: Path, ray_tmp: Path, tmp_path: Path) -> None:
-    """Through --address: sqlite is refused (with the fix), the HTTP server works for a 3-trial sweep."""
+def first_child_metric(uri: str, experiment: str) -> bool:
+    """Whether some trial's child run has logged a metric yet (False while the experiment does not exist)."""
+    try:
+        c = client(uri)
+        exp = c.get_experiment_by_name(experiment)
+        return bool(exp and any(r.data.metrics for r in c.search_runs([exp.experiment_id], "tags.`apt_ray.kind` = 'trial'")))
+    except Exception:  # noqa: BLE001 - the server is busy starting the sweep
+        return False
+
+
+OUTAGE_S = 10
+
+
+def test_multi_node_cluster_needs_a_server(two_node_cluster: str, mlflow_server: MlflowServer, ray_cache: Path, ray_tmp: Path,
+                                           tmp_path: Path) -> None:
+    """Through --address: sqlite is refused (with the fix); the HTTP server works for a 3-trial sweep, and an outage
+    of the server mid-sweep (stopped once the first trial logged a metric, started again on the same port 10 s
+    later) loses nothing: every trial's per-epoch metrics and FLOPs artifact are there, and the sweep finishes."""
     cfg = study_file(tmp_path, name="it-http")
     env = subprocess_env(ray_cache, ray_tmp)
     base = [sys.executable, str(SCRIPT), "--config", str(cfg), "--address", two_node_cluster]
@@ -262,11 +301,30 @@ def test_multi_node_cluster_needs_a_server(two_node_cluster: str, mlflow_server:
     assert "2 nodes" in refused.stderr and "mlflow server" in refused.stderr and "Traceback" not in refused.stderr
     assert not (tmp_path / "mlflow.db").exists() or not runs_exist(f"sqlite:///{tmp_path}/mlflow.db")
 
-    done = subprocess.run(base + ["--tracking-uri", mlflow_server, "--storage-path", str(tmp_path / "sweep")], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "Pareto front" in done.stdout and "val score" in done.stdout and "+GMACs" in done.stdout
-    parent, children = check_tracking(mlflow_server, "it-http", epochs=1)
+    uri = mlflow_server.uri
+    log_path = tmp_path / "sweep.log"
+    with open(log_path, "w") as log:
+        sweep = subprocess.Popen(base + ["--tracking-uri", uri, "--storage-path", str(tmp_path / "sweep")], cwd=tmp_path, env=env,
+                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.time() + 300
+            while not first_child_metric(uri, "it-http"):
+                assert sweep.poll() is None, log_path.read_text()[-3000:]
+                assert time.time() < deadline, "no trial logged a metric in time"
+                time.sleep(1)
+            mlflow_server.stop()  # the outage: trials go on training, their writes wait
+            time.sleep(OUTAGE_S)
+            assert sweep.poll() is None, "the sweep stopped during the MLflow outage:\n" + log_path.read_text()[-3000:]
+            mlflow_server.start()
+            code = sweep.wait(timeout=600)
+        finally:
+            if sweep.poll() is None:
+                os.killpg(sweep.pid, signal.SIGKILL)
+    out = log_path.read_text()
+    assert code == 0, out[-5000:]
+    assert "Pareto front" in out and "val score" in out and "+GMACs" in out and "Traceback" not in out
+    assert "is unreachable" in out, "no trial met the outage: the test did not test it"  # the buffering warning
+    parent, children = check_tracking(uri, "it-http", epochs=1)  # per-epoch history and flops_profile.json of every trial
     assert len(children) == 3 and all(r.data.tags["status"] == "finished" for r in children)
     assert len({r.data.tags["ray_node_id"] for r in children}) >= 1
 
@@ -278,8 +336,8 @@ def runs_exist(uri: str) -> bool:
 
 # -- interrupted sweep, resumed -----------------------------------------------------------------
 
-def finished_runs(db: Path) -> int:
-    """Finished runs in an MLflow sqlite file another process is writing, read-only: an MlflowClient opened while
+def sql_count(db: Path, query: str) -> int:
+    """A count from an MLflow sqlite file another process is writing, read-only: an MlflowClient opened while
     the sweep still creates the schema would run the migrations a second time and fail."""
     import sqlite3
 
@@ -287,52 +345,58 @@ def finished_runs(db: Path) -> int:
         return 0
     try:
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
-            return con.execute("SELECT count(*) FROM runs WHERE status = 'FINISHED'").fetchone()[0]
+            return con.execute(query).fetchone()[0]
     except sqlite3.Error:  # the schema is not there yet
         return 0
 
 
-def test_resume_continues_without_repeating(ray_cache: Path, ray_tmp: Path, tmp_path: Path) -> None:
-    """SIGINT once the first trial finished; --resume runs the rest, reusing runs and skipping finished trials."""
+FINISHED_RUNS = "SELECT count(*) FROM runs WHERE status = 'FINISHED'"
+RUNNING_WITH_METRICS = ("SELECT count(DISTINCT r.run_uuid) FROM runs r JOIN metrics m ON m.run_uuid = r.run_uuid "
+                        "WHERE r.status = 'RUNNING'")
+
+
+def test_resume_after_the_driver_is_killed(ray_cache: Path, ray_tmp: Path, tmp_path: Path) -> None:
+    """SIGKILL of the sweep driver (the process only: its local Ray goes down with it) once the first trial finished
+    and the second is training; --resume then finishes the sweep: exactly the 2 requested trials finished, one
+    MLflow run per trial, the finished trial not run again, the cut-off one resumed (or ended FAILED with a reason)."""
     cfg = study_file(tmp_path, name="it-resume", num_trials=2, concurrency=1, fixed={**TINY, "epochs": 2})
     uri = f"sqlite:///{tmp_path}/m.db"
+    db = tmp_path / "m.db"
     sweep = tmp_path / "sweep"
     env = subprocess_env(ray_cache, ray_tmp)
     cmd = [sys.executable, str(SCRIPT), "--config", str(cfg), "--tracking-uri", uri, "--storage-path", str(sweep)]
-    log = open(tmp_path / "first.log", "w")
-    first = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + 400
-    finished: list[Any] = []
-    while not finished:
-        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-        assert time.time() < deadline, "no trial finished in time"
-        time.sleep(2)
-        if finished_runs(tmp_path / "m.db"):
-            finished = [r for r in runs_of(uri, "it-resume")[1] if r.info.status == "FINISHED"]
-    os.kill(first.pid, signal.SIGINT)
-    try:
-        code = first.wait(timeout=180)
-    except subprocess.TimeoutExpired:
-        os.killpg(first.pid, signal.SIGKILL)
-        pytest.fail("the interrupted sweep did not stop")
-    log.close()
-    text = (tmp_path / "first.log").read_text()
-    assert code == 130, text[-3000:]
-    assert "--resume" in text
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 400
+        while not (sql_count(db, FINISHED_RUNS) and sql_count(db, RUNNING_WITH_METRICS)):
+            if first.poll() is not None:
+                pytest.fail("the sweep ended before it could be killed:\n" + (tmp_path / "first.log").read_text()[-3000:])
+            if time.time() > deadline:
+                os.killpg(first.pid, signal.SIGKILL)
+                pytest.fail("the second trial did not start in time")
+            time.sleep(1)
+        os.kill(first.pid, signal.SIGKILL)  # the driver alone, no chance to clean up
+        assert first.wait(timeout=60) == -signal.SIGKILL
     before = {r.data.tags["trial_id"]: r for r in runs_of(uri, "it-resume")[1]}
+    finished = [r for r in before.values() if r.info.status == "FINISHED"]
+    assert len(finished) == 1 and len(before) == 2, [(r.data.tags, r.info.status) for r in before.values()]
 
     resumed = subprocess.run([sys.executable, str(SCRIPT), "--storage-path", str(sweep), "--resume"],  # URI from the manifest
                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     parent, children = check_tracking(uri, "it-resume", epochs=2)
     ids = Counter(r.data.tags["trial_id"] for r in children)
-    assert len(ids) == 2 and set(ids.values()) == {1}  # two trials, one run each: nothing duplicated
+    assert set(ids.values()) == {1}, ids  # one run per trial: nothing duplicated
+    status = Counter(r.data.tags["status"] for r in children)
+    assert status["finished"] == 2, status  # exactly the requested number of trials finished
     after = {r.data.tags["trial_id"]: r for r in children}
-    for run in finished:  # finished trials were not repeated
+    for run in finished:  # the finished trial was not run again
         tid = run.data.tags["trial_id"]
         assert after[tid].info.run_id == run.info.run_id and after[tid].info.end_time == run.info.end_time
-    for tid, run in before.items():  # a trial cut short kept its run
+    for tid, run in before.items():  # the cut-off trial kept its run: resumed to the end, or FAILED with the reason
         assert after[tid].info.run_id == run.info.run_id
+        assert after[tid].info.status == "FINISHED" or (after[tid].info.status == "FAILED" and after[tid].data.tags["failure_reason"])
+    assert all(r.info.status in ("FINISHED", "FAILED") for r in children)
     import optuna
 
     study = optuna.load_study(study_name="it-resume", storage=f"sqlite:///{sweep}/optuna.db")

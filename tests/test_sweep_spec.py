@@ -179,3 +179,23 @@ def test_asha_scheduler_settings(tmp_path: Path) -> None:
     assert (asha._time_attr, asha._metric, asha._mode, asha._max_t, asha._reduction_factor) == ("epoch", "val_vqa_score", "max", 6, 3)
     assert _scheduler(load_study_spec(None)) is None  # two objectives: FIFO
 
+
+
+def test_max_failures_reaches_every_trial(tmp_path: Path) -> None:
+    from apt_ray.sweep.trial import SweepContext, trial_params
+
+    spec = load_study_spec(write(tmp_path, {}), {"resources.max_failures": 2})
+    assert spec.resources.max_failures == 2
+    ctx = SweepContext("sqlite:///m.db", "1", "p", "c", "/tmp/t", max_failures=spec.resources.max_failures)
+    assert trial_params(spec.train_config({}), ctx)["max_failures"] == 2  # logged with the trial's params
+    with pytest.raises(UserError, match="max_failures"):
+        load_study_spec(write(tmp_path, {}), {"resources.max_failures": -2})
+
+
+def test_run_facts_time_the_start_up_only_without_restarts() -> None:
+    from apt_ray.sweep.trial import run_facts
+
+    facts = run_facts({"restarts": 0, "started_unix": 105.0, "setup_s": 2.5}, t_fit=100.0)
+    assert facts == {"restarts": 0.0, "startup_s": 7.5}
+    # after a restart the worker's start time is the restarted one's: no start-up figure then
+    assert run_facts({"restarts": 1, "started_unix": 300.0, "setup_s": 2.5}, t_fit=100.0) == {"restarts": 1.0}

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from apt_ray.errors import UserError
-from apt_ray.sweep.spec import StudySpec, check_spec
+from apt_ray.sweep.spec import StudySpec, check_data, check_spec
 from apt_ray.sweep.store import Manifest, SweepDir
 from apt_ray.sweep.trial import SweepContext
 from apt_ray.tracking import mlflow as mt
@@ -151,19 +151,17 @@ def _tuner(spec: StudySpec, sweep: SweepDir, ctx: SweepContext, resume: bool) ->
     return tuner, searcher
 
 
-def _interrupted(grid: Any, spec: StudySpec, searcher: Any, optuna_url: str) -> bool:
+def _interrupted(grid: Any, spec: StudySpec, searcher: Any) -> bool:
     """Trials left unfinished, or fewer trials than asked for (unless the budget ended the search).
 
     A trial Tune stops because the sweep was interrupted (SIGINT) ends TERMINATED like a finished one,
-    but the search never heard back about it: its Optuna trial is still RUNNING in the stored study.
+    but the search never heard back about it. (A resumed sweep's search lives inside the restored Tuner:
+    ``searcher`` is None then, and only the trial counts tell.)
     """
-    import optuna
-
     unfinished = len(grid) - grid.num_terminated - grid.num_errors
     exhausted = bool(getattr(searcher, "exhausted", False))
-    study = optuna.load_study(study_name=spec.name, storage=optuna_url)
-    asked_not_told = any(t.state == optuna.trial.TrialState.RUNNING for t in study.get_trials(deepcopy=False))
-    return unfinished > 0 or asked_not_told or (len(grid) < spec.num_trials and not exhausted)
+    untold = searcher.untold() if searcher is not None else []
+    return unfinished > 0 or bool(untold) or (len(grid) < spec.num_trials and not exhausted)
 
 
 def run_study(
@@ -192,6 +190,8 @@ def run_study(
     else:
         assert spec is not None
         check_spec(spec)
+        if address is None:
+            check_data(spec)
         if sweep.exists():
             sweep.ensure_new()  # refuses, naming --resume
     assert spec is not None
@@ -243,7 +243,7 @@ def _run(spec: StudySpec, sweep: SweepDir, uri: str, experiment: str, manifest: 
     ctx = SweepContext(tracking_uri=uri, experiment_id=experiment_id, parent_run_id=parent, git_commit=commit,
                        train_storage=str(sweep.train_dir), workers=spec.resources.workers,
                        cpus_per_worker=spec.resources.cpus_per_worker, gpus_per_worker=spec.resources.gpus_per_worker,
-                       env=worker_env())
+                       max_failures=spec.resources.max_failures, env=worker_env())
     log.info("sweep %s: results in %s, MLflow %s (experiment %s, parent run %s)", spec.name, sweep.root, mt.redact(uri), experiment, parent)
     tuner, searcher = _tuner(spec, sweep, ctx, resume=manifest is not None)
     try:
@@ -252,7 +252,27 @@ def _run(spec: StudySpec, sweep: SweepDir, uri: str, experiment: str, manifest: 
         tracker.set_tags(parent, {mt.STATUS_TAG: "interrupted"})
         tracker.finish(parent, "KILLED")
         raise
-    return _finish(spec, sweep, tracker, uri, experiment, experiment_id, parent, _interrupted(grid, spec, searcher, sweep.optuna_url))
+    if manifest is not None:
+        _close_cut_off_runs(tracker, experiment_id, parent)
+    return _finish(spec, sweep, tracker, uri, experiment, experiment_id, parent, _interrupted(grid, spec, searcher))
+
+
+CUT_OFF_REASON = ("cut off when the sweep driver stopped, and not resumed: the sweep's saved Tune state "
+                  "(written every ~10 s) did not yet include this trial, so Tune started another in its place")
+
+
+def _close_cut_off_runs(tracker: mt.Tracker, experiment_id: str, parent: str) -> int:
+    """After a resumed sweep: child runs still RUNNING belong to trials Tune no longer knows (started after its
+    last saved state, before the driver was killed). End them FAILED with the reason; returns how many."""
+    closed = 0
+    for run in tracker.children(experiment_id, parent):
+        if run.info.status == "RUNNING":
+            tracker.set_tags(run.info.run_id, {mt.STATUS_TAG: "failed", "failure_reason": CUT_OFF_REASON})
+            tracker.finish(run.info.run_id, "FAILED")
+            closed += 1
+    if closed:
+        log.warning("%d trial run(s) cut off by the stopped driver could not be resumed: marked FAILED", closed)
+    return closed
 
 
 def _finish(spec: StudySpec, sweep: SweepDir, tracker: mt.Tracker, uri: str, experiment: str, experiment_id: str,

@@ -81,6 +81,10 @@ class BudgetedOptunaSearch(OptunaSearch):
                     MAX_REJECTIONS)
         return Searcher.FINISHED
 
+    def untold(self) -> list[str]:
+        """Tune trials this search proposed but never heard the end of (stopped by an interrupted sweep)."""
+        return [t for t in self._ot_trials if t not in self._completed_trials]
+
     def _skip(self, trial_id: str) -> None:
         """Tell Optuna a proposal was pruned without training, and free the Tune trial's slot for a new one."""
         self._ot_study.tell(self._ot_trials.pop(trial_id), state=_pruned())
@@ -89,7 +93,7 @@ class BudgetedOptunaSearch(OptunaSearch):
         if error and trial_id in self._ot_trials and trial_id not in self._completed_trials:
             ot_trial = self._ot_trials[trial_id]
             ot_trial.set_user_attr("status", "failed")
-            self._ot_study.tell(ot_trial, state=_failed())
+            self._ot_study.tell(ot_trial, state=_failed(), skip_if_finished=True)  # told already by a killed driver
             self._completed_trials.add(trial_id)
             return
         super().on_trial_complete(trial_id, result, error)

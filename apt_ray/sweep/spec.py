@@ -45,6 +45,7 @@ class Resources(BaseModel):
     workers: int = Field(1, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)
+    max_failures: int = Field(0, ge=-1, description="Ray Train restarts of a trial's workers from their latest checkpoint (-1: no limit)")
 
 
 def _default_objectives() -> list[Objective]:
@@ -168,7 +169,9 @@ def check_spec(spec: StudySpec) -> None:
             close = difflib.get_close_matches(name, fields, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise UserError(f"search_space.{name}: '{name}' is not a trial setting{hint}. Search TrainConfig keys such as num_prompts, rank, depth, placement, lr.")
-        if name in TOP_LEVEL or name == "layers":
+        if name == "method" and knob.type == "categorical":
+            pass  # a study may compare methods: each trial's method is one of the choices (prompt-length grids)
+        elif name in TOP_LEVEL or name == "layers":
             raise UserError(f"search_space.{name}: '{name}' cannot be searched ({'a list' if name == 'layers' else 'it is fixed per study'}); "
                             "search depth and placement instead, or run one study per value.")
         if name in spec.fixed:
@@ -212,10 +215,10 @@ def _check_value(spec: StudySpec, name: str | None, value: Any, limits: Any) -> 
         raise UserError(f"{where}: the bound {value!r} is not a valid {name} ({msgs}). Fix the bounds of {name} and run again.") from None
     if cfg.depth is not None and cfg.depth > limits.num_layers:
         raise UserError(
-            f"{where}: depth {cfg.depth} is above the {limits.num_layers} layers of {spec.model} that can carry {spec.method}: "
+            f"{where}: depth {cfg.depth} is above the {limits.num_layers} layers of {spec.model} that can carry {cfg.method}: "
             f"use depth between 1 and {limits.num_layers}."
         )
-    if spec.method in ("apt", "lora") and cfg.rank > limits.hidden_size:
+    if cfg.method in ("apt", "lora") and cfg.rank > limits.hidden_size:
         raise UserError(
             f"{where}: rank {cfg.rank} is above the hidden size {limits.hidden_size} of {spec.model}: "
             f"use a rank between 1 and {limits.hidden_size}."
@@ -248,6 +251,24 @@ def _check_objectives(spec: StudySpec) -> None:
             raise UserError("scheduler.kind=asha needs a single objective (ASHA stops trials on one score): use kind auto or fifo, or keep one objective.")
         if metrics[0] not in EPOCH_METRICS:
             raise UserError(f"scheduler.kind=asha needs a per-epoch objective, not '{metrics[0]}': use val_vqa_score or kind fifo.")
+
+
+def check_data(spec: StudySpec) -> None:
+    """Real data must be where the study says, before any trial starts. Checked for local sweeps only (by
+    ``run_study``): a cluster's data lives on its nodes, and a laptop loading the study cannot see it."""
+    cfg = spec.train_config({})
+    if cfg.data == "synthetic":
+        return
+    from apt_ray.data.vqav2 import _looks_like_hub_id
+
+    where = "the folder holding vqav2_train.arrow and vqav2_val.arrow" if cfg.data == "vqav2_arrow" else "a dataset folder or a Hugging Face hub id"
+    if not cfg.data_path:
+        raise UserError(f"data={cfg.data} needs fixed.data_path: set it to {where}.")
+    path = Path(cfg.data_path).expanduser()
+    exists = path.is_dir() if cfg.data == "vqav2_arrow" else path.exists() or _looks_like_hub_id(cfg.data_path)
+    if not exists:
+        raise UserError(f"fixed.data_path {cfg.data_path} does not exist on this machine: set it to {where} "
+                        "(on a cluster, a shared path every node mounts).")
 
 
 def _check_resources(spec: StudySpec) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ class SweepContext:
     workers: int = 1
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
+    max_failures: int = 0
     env: dict[str, str] = field(default_factory=dict)
 
     def resources_per_worker(self) -> dict[str, float]:
@@ -55,7 +57,8 @@ class SweepContext:
         return res
 
     def resource_params(self) -> dict[str, Any]:
-        return {"workers": self.workers, "cpus_per_worker": self.cpus_per_worker, "gpus_per_worker": self.gpus_per_worker}
+        return {"workers": self.workers, "cpus_per_worker": self.cpus_per_worker, "gpus_per_worker": self.gpus_per_worker,
+                "max_failures": self.max_failures}
 
 
 def child_tags(ctx: SweepContext, trial_id: str, status: str) -> dict[str, str]:
@@ -100,6 +103,15 @@ def sync_history(tracker: Tracker, run_id: str, history: list[dict[str, Any]]) -
     if missing:
         log.warning("run %s: wrote %d epoch(s) of metrics that MLflow had missed", run_id, len(missing))
     return len(missing)
+
+
+def run_facts(final: dict[str, Any], t_fit: float) -> dict[str, float]:
+    """Worker restarts, and the start-up of a trial that ran without any: seconds from ``trainer.fit()`` to the
+    first training step (Train controller, worker processes, process group, then model, method and data)."""
+    facts = {"restarts": float(final.get("restarts", 0))}
+    if "started_unix" in final and not final.get("restarts"):
+        facts["startup_s"] = final["started_unix"] - t_fit + final.get("setup_s", 0.0)
+    return facts
 
 
 def trial_params(cfg: TrainConfig, ctx: SweepContext) -> dict[str, Any]:
@@ -205,9 +217,10 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
 
         trainer = make_trainer(
             cfg.model_dump(), workers=ctx.workers, use_gpu=ctx.gpus_per_worker > 0, storage_path=ctx.train_storage,
-            name=trial_id, resources_per_worker=ctx.resources_per_worker(),
+            name=trial_id, resources_per_worker=ctx.resources_per_worker(), max_failures=ctx.max_failures,
             callbacks=[TrialReporter(Tracker(ctx.tracking_uri, buffered=True), run_id, constants, logged)],
         )
+        t_fit = time.time()
         result = trainer.fit()
     except ray.exceptions.RayActorError:
         # the Train controller died with this trial's process: Tune is stopping the trial (ASHA), or the node
@@ -222,8 +235,9 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
         tracker.close(spill)
         raise failure from None
     job.wait()
-    history = result.return_value.get("history", []) if isinstance(result.return_value, dict) else []
-    _best_effort(lambda: sync_history(tracker, run_id, history))
+    final = result.return_value if isinstance(result.return_value, dict) else {}
+    _best_effort(lambda: sync_history(tracker, run_id, final.get("history", [])))
+    _best_effort(lambda: tracker.log_metrics(run_id, run_facts(final, t_fit), step=0))
     tracker.set_tags(run_id, {STATUS_TAG: "finished"})
     tracker.finish(run_id, "FINISHED")
     tracker.close(spill)

@@ -1,0 +1,161 @@
+"""Bad input, across every entry point: `apt-ray train / profile / pretrain` and the sweep scripts.
+
+Each case runs the real ``main()`` in-process and must give exit code 2, one
+clear message naming the problem (no traceback), and leave nothing behind: no
+``--json-out`` file, no sweep directory, no MLflow database. Cases that need a
+Ray cluster or a server (unreachable Ray address or MLflow URI, resources the
+cluster cannot provide) are in test_sweep_cli.py, test_ray_train.py and
+test_sweep_integration.py.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+
+from apt_ray.cli import main as apt_ray_main
+from apt_ray.sweep.cli import main as sweep_main
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_STUDY = ROOT / "studies" / "configs" / "default_meter.yaml"
+TRAIN = ["--model", "tiny-vilt", "pretrained=false"]
+
+FILES = {
+    "list.yaml": "- lr\n- epochs\n",
+    "broken.yaml": "lr: [1e-3\n",
+    "scalar.yaml": "just a string\n",
+    "zero_trials.yaml": "name: zero\nnum_trials: 0\n",
+}
+
+# (entry point, arguments, what the message must say)
+CASES: list[tuple[str, list[str], str]] = [
+    # config files that are not YAML mappings
+    ("train", ["--config", "list.yaml"], "holds a list, not a mapping"),
+    ("train", ["--config", "scalar.yaml"], "holds a str, not a mapping"),
+    ("train", ["--config", "broken.yaml"], "is not valid YAML"),
+    ("train", ["--config", "missing.yaml"], "does not exist"),
+    ("sweep", ["--config", "list.yaml"], "holds a list, not a mapping"),
+    ("sweep", ["--config", "broken.yaml"], "is not valid YAML"),
+    # wrong types
+    ("train", ["lr=fast"], "lr='fast': input should be a valid number"),
+    ("train", ["epochs=three"], "epochs='three': input should be a valid integer"),
+    ("sweep", ["fixed.lr=fast"], "lr='fast': input should be a valid number"),
+    ("sweep", ["concurrency=two"], "concurrency='two'"),
+    # zero or negative learning rates, epochs, batch sizes, trial counts
+    ("train", ["lr=0"], "lr=0: input should be greater than 0"),
+    ("train", ["lr=-1e-3"], "lr='-1e-3': input should be greater than 0"),
+    ("train", ["--epochs", "0"], "epochs=0"),
+    ("train", ["batch_size=-8"], "batch_size=-8"),
+    ("train", ["--workers", "0"], "--workers 0 is not allowed"),
+    ("train", ["--workers", "2", "--max-failures", "-2"], "--max-failures -2 is not allowed"),
+    ("train", ["--inject-failure-at-step", "0"], "inject_failure_at_step=0"),
+    ("sweep", ["fixed.lr=-1"], "lr=-1: input should be greater than 0"),
+    ("sweep", ["fixed.epochs=0"], "epochs=0"),
+    ("sweep", ["--max-epochs", "0"], "--max-epochs 0 is not allowed"),
+    ("sweep", ["fixed.batch_size=0"], "batch_size=0"),
+    ("sweep", ["--num-samples", "0"], "--num-samples 0 is not allowed"),
+    ("sweep", ["--config", "zero_trials.yaml"], "num_trials=0"),
+    ("sweep", ["concurrency=0"], "concurrency=0"),
+    ("sweep", ["--workers-per-trial", "0"], "--workers-per-trial 0 is not allowed"),
+    ("profile", ["--num-prompts", "0"], "num_prompts=0"),
+    ("profile", ["--text-len", "0"], "--text-len 0 is not allowed"),
+    ("pretrain", ["--steps", "0"], "--steps 0 is not allowed"),
+    # unknown keys, with a did-you-mean
+    ("train", ["num_promtps=3"], "unknown key 'num_promtps' (did you mean 'num_prompts'?)"),
+    ("sweep", ["num_trails=3"], "unknown key 'num_trails' (did you mean 'num_trials'?)"),
+    ("sweep", ["fixed.num_promtps=3"], "unknown key 'num_promtps' (did you mean 'num_prompts'?)"),
+    ("sweep", ["resources.cpus_per_workr=2"], "did you mean 'cpus_per_worker'?"),
+    # unknown names
+    ("train", ["--method", "prefix"], "method"),
+    ("profile", ["--model", "nope"], "unknown model 'nope'"),
+    ("profile", ["--method", "prefix"], "unknown method 'prefix'"),
+    ("profile", ["--placement", "middle"], "placement='middle'"),
+    ("pretrain", ["--model", "tiny-vit"], "unknown model 'tiny-vit'"),
+    ("pretrain", ["--model", "vilt-b32"], "builds the tiny presets only"),
+    # search bounds and settings outside the model's limits
+    ("profile", ["--model", "tiny-vilt", "--depth", "9"], "depth 9 is out of range"),
+    ("profile", ["--model", "tiny-vilt", "--rank", "100000"], "rank 100000 is above the hidden size 128"),
+    ("train", ["depth=99"], "depth 99"),
+    ("sweep", ["search_space.depth={type: int, low: 1, high: 12}"], "depth 12 is above the 4 layers"),
+    ("sweep", ["search_space.rank={type: int, low: 1, high: 100}", "search_space.num_prompts={type: int, low: 1, high: 4}"],
+     "rank 100 is above the hidden size 64"),
+    # missing data paths and checkpoints
+    ("train", ["data=vqav2_arrow", "data_path=/nonexistent/vqa"], "/nonexistent/vqa does not exist"),
+    ("train", ["resume_from=/nonexistent/run"], "holds no checkpoint"),
+    ("sweep", ["data=vqav2_arrow", "fixed.pretrained=false", "fixed.data_path=/nonexistent/vqa"],
+     "fixed.data_path /nonexistent/vqa does not exist"),
+    ("sweep", ["data=hf", "fixed.pretrained=false"], "data=hf needs fixed.data_path"),
+    # --resume with no earlier sweep at that path
+    ("sweep", ["--resume", "--storage-path", "no_sweep_here"], "no earlier sweep at"),
+]
+
+
+def run(entry: str, args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    if entry == "sweep":
+        code = sweep_main(args, default_config=DEFAULT_STUDY, prog="sweep_meter.py", description="test")
+    else:
+        code = apt_ray_main([entry, *(TRAIN if entry == "train" else []), *args])
+    return code, capsys.readouterr().err
+
+
+def error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if "error:" in line]
+
+
+@pytest.mark.parametrize("entry,args,needle", CASES, ids=[f"{e}:{' '.join(a)}"[:60] for e, a, _ in CASES])
+def test_bad_input_is_refused_cleanly(entry: str, args: list[str], needle: str, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    for name, text in FILES.items():
+        (tmp_path / name).write_text(text)
+    before = set(tmp_path.iterdir())
+    extra = ["--json-out", str(tmp_path / "out.json"), f"output_dir={tmp_path / 'out'}"] if entry == "train" else []
+    code, err = run(entry, [*args, *extra], capsys)
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err  # one paragraph
+    assert needle in lines[0], err
+    assert lines[0].startswith(("error: ", f"apt-ray {entry}: error: "))
+    assert set(tmp_path.iterdir()) == before, "a refused command left files behind"
+
+
+def _hf_dataset(root: Path, rows: int, bad: set[int], val_rows: int | None = None) -> Path:
+    """A saved `datasets` folder with PNG images, some of them undecodable bytes."""
+    from datasets import Dataset, DatasetDict, Features, Image as ImageFeature, List, Value
+    from PIL import Image
+
+    def png(i: int) -> bytes:
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 16), (i * 7 % 255, 40, 90)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    def split(n: int) -> Dataset:
+        data = {"image": [{"bytes": b"not an image" if i in bad else png(i), "path": None} for i in range(n)],
+                "question": ["what color is the square?"] * n, "answers": [["red"] * 10 if i % 2 else ["blue"] * 10 for i in range(n)]}
+        features = Features({"image": ImageFeature(), "question": Value("string"), "answers": List(Value("string"))})
+        return Dataset.from_dict(data, features=features)
+
+    DatasetDict({"train": split(rows), "val": split(rows if val_rows is None else val_rows)}).save_to_disk(
+        str(root), num_shards={"train": 1, "val": 1})
+    return root
+
+
+def test_bad_data_through_apt_ray_train(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An empty split, and a set where too many images cannot be decoded: exit 2, one error line, no result file."""
+    base = ["train", *TRAIN, "data=hf", "epochs=1", "batch_size=8", "image_size=16", f"output_dir={tmp_path / 'out'}"]
+    out = tmp_path / "out.json"
+
+    empty = _hf_dataset(tmp_path / "empty", rows=8, bad=set(), val_rows=0)
+    broken = _hf_dataset(tmp_path / "broken", rows=40, bad=set(range(0, 40, 3)))
+    capsys.readouterr()  # the datasets' own progress bars
+    assert apt_ray_main([*base, f"data_path={empty}", "--json-out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(error_lines(err)) == 1 and "has no questions" in error_lines(err)[0], err
+
+    assert apt_ray_main([*base, f"data_path={broken}", "--json-out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(error_lines(err)) == 1 and "could not be decoded" in error_lines(err)[0], err
+    assert not out.exists()
