@@ -50,6 +50,17 @@ def test_result_times_the_set_up_before_the_first_step(tmp_path):
     assert res["setup_s"] + train_s <= t1 - t0
 
 
+def test_resumed_at_the_final_checkpoint_reports_once_more(tmp_path):
+    """A run cut off after its last checkpoint (a killed sweep driver) is resumed with nothing left to train: it
+    reports its last metrics again, or a Tune trial waiting on it would get no result."""
+    done = _run(tmp_path / "a", epochs=1)
+    session = LocalSession(tmp_path / "b", resume_from=str(tmp_path / "a"))
+    cfg = build_train_config(overrides={**TINY, "epochs": 1, "output_dir": str(tmp_path / "b")})
+    again = Trainer(cfg, session).fit()
+    assert again["global_step"] == done["global_step"] and again["val_vqa_score"] == done["val_vqa_score"]
+    assert session.history == [done["history"][-1]]
+
+
 def test_short_run_lowers_the_loss(tmp_path):
     cfg = build_train_config(overrides={**TINY, "epochs": 3, "output_dir": str(tmp_path), "lr": 5e-3, "method": "linear_probe"})
     trainer = Trainer(cfg, LocalSession(tmp_path))

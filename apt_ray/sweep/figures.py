@@ -38,10 +38,22 @@ def plot_front(rows: Sequence[Row], front: Sequence[Row], path: str | Path, x: s
 
 
 def plot_score_vs_prompts(rows: Sequence[Row], path: str | Path, y: str = "val_vqa_score") -> Path:
-    """Validation score against prompt count (log axis), coloured by depth; writes a PNG."""
+    """Validation score against prompt count (log axis): one line per method (mean over repeats) when the sweep
+    compares methods, else points coloured by depth; writes a PNG."""
     fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
     pts = [r for r in rows if _has(r, "num_prompts", y)]
-    if pts:
+    methods = sorted({str(r.get("method")) for r in pts})
+    if len(methods) > 1:
+        for method in methods:
+            by_p: dict[float, list[float]] = {}
+            for r in pts:
+                if str(r.get("method")) == method:
+                    by_p.setdefault(r["num_prompts"], []).append(r[y])
+            xs = sorted(by_p)
+            ax.plot(xs, [sum(by_p[x]) / len(by_p[x]) for x in xs], marker="o", label=method)
+        ax.set_xscale("log", base=2)
+        ax.legend(fontsize=8)
+    elif pts:
         depth = [r.get("depth") if isinstance(r.get("depth"), (int, float)) else 0 for r in pts]
         sc = ax.scatter([r["num_prompts"] for r in pts], [r[y] for r in pts], c=depth, cmap="viridis", s=28)
         if any(depth):

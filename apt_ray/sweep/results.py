@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from apt_ray.sweep.figures import plot_front, plot_score_vs_prompts
 from apt_ray.sweep.pareto import pareto_front
 from apt_ray.tracking.mlflow import STATUS_TAG, TRIAL_TAG, Tracker
 
@@ -57,6 +56,8 @@ def counts(rows: list[dict[str, Any]]) -> dict[str, int]:
 
 def log_summary(tracker: Tracker, parent_run_id: str, rows: list[dict[str, Any]], front: list[dict[str, Any]], figures_dir: Path) -> list[Path]:
     """Trials and front tables, the figures, and count metrics on the parent run; returns the figure paths."""
+    from apt_ray.sweep.figures import plot_front, plot_score_vs_prompts  # matplotlib (Agg) only when figures are drawn
+
     tracker.log_table(parent_run_id, rows, "trials.json")
     tracker.log_table(parent_run_id, front, "pareto_front.json")
     figures = [plot_front([r for r in rows if r["status"] in TRAINED], front, figures_dir / "pareto_front.png"),

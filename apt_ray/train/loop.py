@@ -212,6 +212,7 @@ class Trainer:
         resume = self.session.resume_checkpoint()
         if resume is not None:
             self.restore(resume, restarted=getattr(self.session, "is_restart", False))
+        epochs_at_start = self.epoch
         bar = tqdm(total=self.total_steps, initial=self.global_step, desc=f"{cfg.method} on {cfg.model}", disable=not self.progress, unit="step")
         while self.epoch < cfg.epochs and self.global_step < self.total_steps:
             self.net.train()
@@ -258,6 +259,10 @@ class Trainer:
             if self.progress:
                 bar.write(f"epoch {metrics['epoch']}: train loss {metrics['train_loss']:.4f}, val VQA score {score:.2f}, {metrics['samples_per_s']:.0f} samples/s")
         bar.close()
+        if epochs_at_start == self.epoch and self.history:
+            # resumed from the final checkpoint (its run was cut off after it): nothing left to train, but a run
+            # must report, or whoever waits on it (a Tune trial) never gets its result
+            self.session.report(self.history[-1])
         return self.result()
 
     def result(self) -> dict[str, Any]:

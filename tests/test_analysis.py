@@ -1,0 +1,148 @@
+"""Fast tests of the analysis helpers, the prompt-length grid spec and the scaling arithmetic (no Ray, no kernel)."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from apt_ray.analysis import tables
+from apt_ray.analysis.importance import from_runs
+from apt_ray.analysis.reading import written_reading
+from apt_ray.errors import UserError
+from apt_ray.sweep.grid import grid_points, prompt_length_spec
+from apt_ray.sweep.spec import StudySpec, check_spec
+from apt_ray.train.scaling import check_worker_counts, scaling_rows
+
+
+def frame() -> pd.DataFrame:
+    """Costs linear in p (slopes 1 and 3 per 1000 prompts); score depends on the method only, plus tiny noise."""
+    rows = []
+    for method, slope, score in (("apt", 1e-3, 40.0), ("deep_prompt", 3e-3, 30.0)):
+        for i, p in enumerate((4, 16, 64)):
+            for seed in (0, 1):
+                rows.append({"method": method, "num_prompts": p, "rank": 4, "depth": 2, "seed": seed, "status": "finished",
+                             "additional_gmacs": slope * p, "val_vqa_score": score + 0.01 * (i + seed)})
+    return pd.DataFrame(rows)
+
+
+# -- grid -------------------------------------------------------------------------------------
+
+def test_grid_points_enumerate_the_product_in_order() -> None:
+    points = grid_points({"method": ["apt", "deep_prompt"], "num_prompts": [1, 2, 3]})
+    assert len(points) == 6
+    assert points[0] == {"method": "apt", "num_prompts": 1} and points[-1] == {"method": "deep_prompt", "num_prompts": 3}
+    assert len({tuple(sorted(p.items())) for p in points}) == 6
+
+
+def test_prompt_length_spec_is_a_grid_with_method_as_a_knob() -> None:
+    spec = prompt_length_spec(["apt", "deep_prompt", "kv_prompt"], [64, 4], rank=4, depth=2, seeds=[0, 1])
+    assert spec.num_trials == len(spec.initial_points) == 3 * 2 * 2
+    assert {p["method"] for p in spec.initial_points} == {"apt", "deep_prompt", "kv_prompt"}
+    assert spec.space()["num_prompts"].choices == [4, 64]  # sorted
+    assert spec.fixed["rank"] == 4 and spec.fixed["depth"] == 2
+    assert not spec.use_asha()  # every point runs to the end
+    assert {spec.train_config(p).method for p in spec.initial_points} == {"apt", "deep_prompt", "kv_prompt"}
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"methods": ["apt", "nope"], "prompts": [4]}, "unknown method"),
+    ({"methods": ["apt", "lora"], "prompts": [4]}, "has no prompts"),
+    ({"methods": ["apt"], "prompts": [0, 4]}, "positive"),
+    ({"methods": ["apt"], "prompts": [4, 4]}, "repeats"),
+    ({"methods": ["apt"], "prompts": [4], "depth": 9}, "depth 9"),
+])
+def test_prompt_length_spec_refuses_bad_input(kwargs: dict, words: str) -> None:
+    kwargs = {"rank": 4, "depth": 2, **kwargs}
+    with pytest.raises(UserError, match=words):
+        prompt_length_spec(kwargs.pop("methods"), kwargs.pop("prompts"), **kwargs)
+
+
+def test_method_can_be_searched_only_as_choices() -> None:
+    ok = StudySpec.model_validate({"search_space": {"method": {"type": "categorical", "choices": ["apt", "deep_prompt"]},
+                                                    "num_prompts": {"type": "int", "low": 1, "high": 8}}})
+    check_spec(ok)
+    bad = StudySpec.model_validate({"search_space": {"method": {"type": "categorical", "choices": ["apt", "nonsense"]}}})
+    with pytest.raises(UserError, match="nonsense"):
+        check_spec(bad)
+
+
+# -- tables, importance, reading ------------------------------------------------------------------
+
+def test_gmacs_slope_recovers_the_linear_cost() -> None:
+    slopes = tables.gmacs_per_prompt(frame())
+    assert slopes["apt"] == pytest.approx(1e-3) and slopes["deep_prompt"] == pytest.approx(3e-3)
+    p, ratio = tables.cost_ratio(frame())
+    assert p == 64 and ratio == pytest.approx(1 / 3)
+
+
+def test_summary_averages_over_seeds() -> None:
+    table = tables.by_method_and_prompts(frame())
+    assert len(table) == 6 and set(table["trials"]) == {2}
+    first = table.iloc[0]
+    assert first["score_mean"] == pytest.approx(40.005) and first["score_std"] == pytest.approx(math.sqrt(0.00005))
+
+
+def test_pareto_front_has_no_dominated_point() -> None:
+    df = frame()
+    front = tables.front(df)
+    assert len(front) >= 1
+    assert set(front["method"]) == {"apt"}  # deep_prompt is both worse and dearer at every p
+    for _, f in front.iterrows():
+        assert not ((df["val_vqa_score"] > f["val_vqa_score"]) & (df["additional_gmacs"] < f["additional_gmacs"])).any()
+
+
+def test_importance_from_runs_names_the_knob_that_drives_the_score() -> None:
+    imp = from_runs(frame())
+    assert imp.trials == 12
+    assert set(imp.values) == {"method", "num_prompts", "seed"}  # rank and depth never varied
+    assert max(imp.values, key=imp.values.get) == "method"
+    assert sum(imp.values.values()) == pytest.approx(1.0)
+
+
+def test_reading_states_the_cost_ratio_and_the_front() -> None:
+    df = frame()
+    text = written_reading(df, tables.front(df), from_runs(df), epochs=1)
+    assert "At p=64, APT adds 0.33x the GMACs of deep prompting" in text
+    assert "Pareto front" in text and "**method**" in text
+    assert written_reading(df.iloc[0:0], df.iloc[0:0], from_runs(df.iloc[0:0])).startswith("No trial")
+
+
+# -- scaling arithmetic -----------------------------------------------------------------------------
+
+def test_scaling_rows_efficiency_is_relative_to_one_worker() -> None:
+    rows = scaling_rows({4: 300.0, 1: 100.0, 2: 180.0})
+    assert [r["workers"] for r in rows] == [1, 2, 4]
+    assert [r["efficiency"] for r in rows] == pytest.approx([1.0, 0.9, 0.75])
+    assert set(rows[0]) == {"workers", "samples_per_s", "efficiency"}
+    with pytest.raises(ValueError):
+        scaling_rows({2: 10.0})
+
+
+@pytest.mark.parametrize("counts, batch, words", [([2, 4], 32, "include 1"), ([1, 0], 32, "positive"), ([1, 3], 32, "split evenly")])
+def test_worker_counts_are_checked(counts: list[int], batch: int, words: str) -> None:
+    with pytest.raises(UserError, match=words):
+        check_worker_counts(counts, batch)
+    assert check_worker_counts([2, 1, 2], 32) == [1, 2]
+
+
+def test_scaling_cli_bad_input_exits_2_before_ray(capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "studies" / "scaling_workers.py"
+    spec = importlib.util.spec_from_file_location("scaling_workers_study", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    cases = [(["--workers", "2", "4"], "include 1"), (["--workers", "1", "2", "--method", "nope"], "method='nope'"),
+             (["--workers", "1", "0"], "positive"), (["--workers", "1", "2", "--tracking-uri", "http://127.0.0.1:9"], "cannot be reached")]
+    for argv, words in cases:
+        assert module.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    import ray
+
+    assert not ray.is_initialized()
