@@ -11,8 +11,8 @@ TORCH_SPEC ?= torch==2.13.0
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --progress-bar off "$(TORCH_SPEC)"
-	$(PY) -m pip install --progress-bar off -e ".[dev]"
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --progress-bar off --no-compile "$(TORCH_SPEC)"
+	$(PY) -m pip install --progress-bar off --no-compile -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
