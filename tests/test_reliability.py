@@ -186,3 +186,14 @@ def test_no_secrets_in_logged_params_or_tags(tmp_path: Path, monkeypatch: pytest
               mt.safe_params({"note": f"see {uri}", "api_token": secret, "db_password": secret}), ctx.env]
     assert secret not in json.dumps(logged, default=str)
     assert secret not in mt.redact(uri) and "alice" not in mt.redact(uri)
+
+
+def test_local_ray_quiets_only_the_noisy_ray_train_loggers() -> None:
+    """The worker set-up hook of a local instance keeps the errors of Ray Train's per-poll warners, nothing else."""
+    import logging
+
+    from apt_ray.train.distributed import QUIET_LOGGERS, quiet_ray_logs
+
+    quiet_ray_logs()
+    assert len(QUIET_LOGGERS) == 2 and all(logging.getLogger(n).level == logging.ERROR for n in QUIET_LOGGERS)
+    assert logging.getLogger("ray.train").level != logging.ERROR

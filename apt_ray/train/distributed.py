@@ -28,12 +28,15 @@ FORWARDED_ENV = ("APT_RAY_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFL
 PATH_KEYS = ("data_path", "checkpoint", "resume_from", "output_dir")
 CONNECT_TIMEOUT_S = 5.0
 QUIET_HOOK = "apt_ray.train.distributed.quiet_ray_logs"
-QUIET_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+QUIET_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",
+                 # a traceback per timed-out resource request while the CPUs are busy ("safe to ignore", says Ray)
+                 "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client")
 
 
 def quiet_ray_logs() -> None:
-    """Ray worker setup hook: without a dashboard, Ray Train's placement-group cleaner
-    cannot query actor state and warns about it every second; keep its errors only."""
+    """Ray worker setup hook for a local instance: keep only the errors of Ray Train loggers that
+    warn on every poll there (the placement-group cleaner cannot query actor state without a
+    dashboard; the autoscaling client times out while the trials keep the CPUs busy)."""
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
 
