@@ -23,3 +23,17 @@ def validation_message(error: "pydantic.ValidationError", allowed: "list[str] | 
         else:
             parts.append(f"{field}={e.get('input')!r}: {e['msg'][0].lower() + e['msg'][1:]}")
     return "invalid configuration: " + "; ".join(parts) + ". Fix these values (see `apt-ray <command> --help`) and run again."
+
+
+def run_command(prog: str, fn: "Callable[[], int]") -> int:  # noqa: F821
+    """Run a script's body: a ``UserError`` becomes one line on stderr and exit code 2, Ctrl-C exit code 130."""
+    import sys
+
+    try:
+        return fn()
+    except UserError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return UserError.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from apt_ray.errors import UserError
+from apt_ray.errors import UserError, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,14 +94,7 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        return run(args)
-    except UserError as e:
-        print(f"prompt_length.py: error: {e}", file=sys.stderr)
-        return UserError.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_command("prompt_length.py", lambda: run(args))
 
 
 if __name__ == "__main__":

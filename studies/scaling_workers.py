@@ -20,7 +20,7 @@ import tempfile
 import time
 from typing import Any, Sequence
 
-from apt_ray.errors import UserError
+from apt_ray.errors import UserError, run_command
 from apt_ray.io import write_json_atomic
 
 # a short, data-light trial: throughput does not depend on the weights, so no pretraining is needed
@@ -127,14 +127,7 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    try:
-        return run(args)
-    except UserError as e:
-        print(f"scaling_workers.py: error: {e}", file=sys.stderr)
-        return UserError.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_command("scaling_workers.py", lambda: run(args))
 
 
 if __name__ == "__main__":
