@@ -1,5 +1,7 @@
 """User-facing errors: raised for bad input, printed without a traceback by the CLI."""
 
+from __future__ import annotations
+
 
 class UserError(Exception):
     """A mistake the user can fix; the message names the problem and the fix."""
@@ -25,14 +27,15 @@ def validation_message(error: "pydantic.ValidationError", allowed: "list[str] | 
     return "invalid configuration: " + "; ".join(parts) + ". Fix these values (see `apt-ray <command> --help`) and run again."
 
 
-def run_command(prog: str, fn: "Callable[[], int]") -> int:  # noqa: F821
-    """Run a script's body: a ``UserError`` becomes one line on stderr and exit code 2, Ctrl-C exit code 130."""
+def run_command(prog: str | None, fn: "Callable[[], int]") -> int:  # noqa: F821
+    """Run a command's body: a ``UserError`` becomes one line on stderr (``prog: error: ...``, or ``error: ...``
+    without a prog) and exit code 2; Ctrl-C exit code 130."""
     import sys
 
     try:
         return fn()
     except UserError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}" if prog else f"error: {e}", file=sys.stderr)
         return UserError.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from apt_ray.errors import UserError
+from apt_ray.errors import UserError, run_command
 
 
 def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -74,14 +74,7 @@ def main(argv: Sequence[str] | None = None, *, default_config: str | Path, prog:
     args = build_parser(prog, description).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("apt_ray").setLevel(logging.INFO)
-    try:
-        return _main(args, Path(args.config or default_config))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return UserError.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_command(None, lambda: _main(args, Path(args.config or default_config)))
 
 
 def _main(args: argparse.Namespace, config: Path) -> int:
