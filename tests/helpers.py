@@ -23,3 +23,18 @@ def tiny_batch(name: str = "tiny-vilt", batch: int = 2, seed: int = 0) -> dict[s
         "attention_mask": mask,
         "pixel_values": torch.randn(batch, 3, *p.image_hw, generator=g),
     }
+
+
+def load_script(relative: str):
+    """A script of the repo that is not a package module (``studies/*.py``, ``benchmarks/*.py``), imported by path."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / relative
+    name = "script_" + path.stem
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses and pickling look their module up here
+    spec.loader.exec_module(module)
+    return module

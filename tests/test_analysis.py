@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from tests.helpers import load_script
+
 import math
 
 import pandas as pd
@@ -128,15 +130,7 @@ def test_worker_counts_are_checked(counts: list[int], batch: int, words: str) ->
 
 
 def test_scaling_cli_bad_input_exits_2_before_ray(capsys: pytest.CaptureFixture[str]) -> None:
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "studies" / "scaling_workers.py"
-    spec = importlib.util.spec_from_file_location("scaling_workers_study", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    module = load_script("studies/scaling_workers.py")
     cases = [(["--workers", "2", "4"], "include 1"), (["--workers", "1", "2", "--method", "nope"], "method='nope'"),
              (["--workers", "1", "0"], "positive"), (["--workers", "1", "2", "--tracking-uri", "http://127.0.0.1:9"], "cannot be reached")]
     for argv, words in cases:

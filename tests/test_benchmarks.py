@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
+from tests.helpers import load_script
+
 from pathlib import Path
 
 import pytest
@@ -11,10 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"benchmarks/{name}.py")
 
 
 def test_trial_overhead_summary_uses_medians_side_by_side() -> None:

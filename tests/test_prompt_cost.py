@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
+from tests.helpers import load_script
+
 import json
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -14,11 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("prompt_cost_bench", ROOT / "benchmarks" / "prompt_cost.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/prompt_cost.py")
 
 
 def test_rows_schema_and_gmacs_grow_with_prompts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

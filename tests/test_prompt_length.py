@@ -7,8 +7,8 @@ is covered by the spec tests in test_analysis.py (each extra trial costs ~30 s o
 
 from __future__ import annotations
 
-import importlib.util
-import sys
+from tests.helpers import load_script
+
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -25,11 +25,7 @@ EXPERIMENT = "pl-it"
 
 
 def study_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("prompt_length_study", ROOT / "studies" / "prompt_length.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("studies/prompt_length.py")
 
 
 @pytest.fixture(scope="module")
