@@ -1,6 +1,6 @@
 """What prompts cost: APT against deep prompting as the prompt count grows.
 
-    python benchmarks/prompt_cost.py [--preset cpu-tiny|gpu-paper] [--methods apt deep_prompt] [--prompts 25 50 100 200 400]
+    python benchmarks/prompt_cost.py [--preset cpu-tiny|gpu-paper|gpu-paper-meter] [--methods apt deep_prompt] [--prompts 25 50 100 200 400]
         [--rank 4] [--depth D] [--batch-size B] [--image-size HxW] [--repeats N] [--warmup N] [--threads T] [--json OUT]
 
 For each prompt count and method: the additional GMACs (apt_ray.profile, one multiply-add =
@@ -10,8 +10,9 @@ the same run with medians over --repeats, and the peak tensor memory of one step
 max_memory_allocated; CPU: torch profiler allocation events; above what was alive before the
 step). Prints a table; --json writes one row per (method, prompt count):
 {method, num_prompts, additional_gmacs, extra_step_ms, peak_mem_mb, ...settings}.
-Presets: cpu-tiny (tiny-vilt, 89 tokens, batch 16) and gpu-paper (ViLT-B/32 at the paper's VQA
-shapes, 241 tokens, batch 32, CUDA).
+Presets: cpu-tiny (tiny-vilt, 89 tokens, batch 16), gpu-paper (ViLT-B/32 at the paper's VQA
+shapes, 241 tokens, batch 32, CUDA, bf16 autocast) and gpu-paper-meter (METER CLIP-ViT-B/16 +
+RoBERTa, 50 text + 577 image tokens, batch 32, CUDA, bf16 autocast).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from apt_ray.io import write_json_atomic
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu-tiny": {"model": "tiny-vilt", "batch_size": 16, "device": "cpu", "repeats": 15, "warmup": 3},
     "gpu-paper": {"model": "vilt-b32", "batch_size": 32, "device": "cuda", "repeats": 30, "warmup": 5},
+    "gpu-paper-meter": {"model": "meter-clip16-roberta", "batch_size": 32, "device": "cuda", "repeats": 30, "warmup": 5},
 }
 METHODS = ("apt", "deep_prompt", "kv_prompt")
 BASELINE = "linear_probe"

@@ -60,7 +60,7 @@ def seed_everything(seed: int) -> None:
 
 def pick_device(choice: str) -> torch.device:
     if choice == "cuda" and not torch.cuda.is_available():
-        raise UserError("device=cuda was asked for but no CUDA GPU is visible: use device=auto or device=cpu.")
+        raise UserError("device cuda was asked for but no CUDA GPU is visible: ask for device auto or cpu instead.")
     if choice == "auto":
         choice = "cuda" if torch.cuda.is_available() else "cpu"
     if choice == "cuda" and torch.distributed.is_initialized():
@@ -79,7 +79,7 @@ def self_pretrained_backbone(cfg: TrainConfig) -> Path | None:
         )
     from apt_ray.train.pretrain import ensure_pretrained
 
-    return ensure_pretrained(cfg.model, cfg.data_spec())
+    return ensure_pretrained(cfg.model, cfg.data_spec(), device=pick_device(cfg.device))
 
 
 def load_backbone(cfg: TrainConfig, vocab_size: int) -> nn.Module:

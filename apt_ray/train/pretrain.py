@@ -58,13 +58,20 @@ def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, tokenizer
 
 
 def pretrain(model: str, spec: DataSpec, out_dir: str | Path, steps: int = DEFAULT_STEPS, batch_size: int = 64,
-             lr: float = 1e-3, seed: int = 0, progress: bool = True) -> Path:
-    """Pretrain ``model`` (a tiny preset) for ``steps`` and ``save_pretrained`` it into ``out_dir`` atomically."""
+             lr: float = 1e-3, seed: int = 0, progress: bool = True,
+             device: str | torch.device = "cpu") -> Path:
+    """Pretrain ``model`` (a tiny preset) for ``steps`` and ``save_pretrained`` it into ``out_dir`` atomically.
+
+    Runs in fp32 on ``device``; masks and mismatched pairs are drawn on the CPU from ``seed`` (dropout uses
+    the device's generator, so a GPU run is reproducible on its own device, not bitwise equal to a CPU run).
+    """
     preset = get_preset(model)
     tokenizer = load_tokenizer(spec)
     torch.manual_seed(seed)
+    device = torch.device(device)
     backbone = build_backbone(model, None, len(tokenizer))
     heads = PretrainHeads(backbone.hidden_size, backbone.pooled_size, len(tokenizer))
+    backbone.to(device), heads.to(device)
     loader = build_caption_loader(spec, batch_size=batch_size, max_text_len=preset.text_len)
     params = list(backbone.parameters()) + list(heads.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
@@ -84,9 +91,10 @@ def pretrain(model: str, spec: DataSpec, out_dir: str | Path, steps: int = DEFAU
             pixels = torch.where(mismatched[:, None, None, None], pixels.roll(shift, 0), pixels)
             masked, labels = mask_tokens(ids, mask, tokenizer, generator)
             labels[mismatched] = -100  # MLM only where the image matches the caption
+            masked, mask, pixels, labels = masked.to(device), mask.to(device), pixels.to(device), labels.to(device)
             out = backbone.encode(masked, mask, pixels)
             mlm = nn.functional.cross_entropy(heads.mlm(out.text_states).flatten(0, 1), labels.flatten(), ignore_index=-100)
-            itm = nn.functional.cross_entropy(heads.itm(out.pooled), mismatched.long())
+            itm = nn.functional.cross_entropy(heads.itm(out.pooled), mismatched.long().to(device))
             loss = mlm + itm
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -103,8 +111,9 @@ def pretrain(model: str, spec: DataSpec, out_dir: str | Path, steps: int = DEFAU
     final = Path(out_dir)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    backbone.save_pretrained(tmp)
+    backbone.cpu().save_pretrained(tmp)
     (tmp / "pretrain.json").write_text(json.dumps({"model": model, "steps": steps, "seed": seed, "batch_size": batch_size, "lr": lr,
+                                                   "device": device.type,
                                                    "final_mlm_loss": mlm.item(), "final_itm_loss": itm.item(), "version": PRETRAIN_VERSION}))
     if final.exists():
         shutil.rmtree(final)
@@ -117,8 +126,9 @@ def pretrained_dir(model: str, spec: DataSpec, steps: int = DEFAULT_STEPS, seed:
     return spec.cache_root() / "pretrained" / f"{model}-v{PRETRAIN_VERSION}-{data.name}-steps{steps}-seed{seed}"
 
 
-def ensure_pretrained(model: str, spec: DataSpec, steps: int = DEFAULT_STEPS, seed: int = 0, progress: bool = True) -> Path:
-    """The cached pretrained backbone for ``model`` on the synthetic set of ``spec``; built on first use."""
+def ensure_pretrained(model: str, spec: DataSpec, steps: int = DEFAULT_STEPS, seed: int = 0, progress: bool = True,
+                      device: str | torch.device = "cpu") -> Path:
+    """The cached pretrained backbone for ``model`` on the synthetic set of ``spec``; built on first use (on ``device``)."""
     if not model.startswith("tiny-"):
         raise UserError(f"only the tiny presets are pretrained by apt_ray; for {model} pass checkpoint=... (a transformers directory, hub id or METER .ckpt).")
     spec = spec.model_copy(update={"world_size": 1, "rank": 0})
@@ -128,5 +138,5 @@ def ensure_pretrained(model: str, spec: DataSpec, steps: int = DEFAULT_STEPS, se
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
         if not (target / "pretrain.json").is_file():
-            pretrain(model, spec, target, steps=steps, seed=seed, progress=progress)
+            pretrain(model, spec, target, steps=steps, seed=seed, progress=progress, device=device)
     return target
