@@ -194,6 +194,18 @@ def test_local_ray_quiets_only_the_noisy_ray_train_loggers() -> None:
 
     from apt_ray.train.distributed import QUIET_LOGGERS, quiet_ray_logs
 
+    import logging.config
+
     quiet_ray_logs()
     assert len(QUIET_LOGGERS) == 2 and all(logging.getLogger(n).level == logging.ERROR for n in QUIET_LOGGERS)
     assert logging.getLogger("ray.train").level != logging.ERROR
+    # what Ray Train's controller does next: configure "ray.train", which resets its children's levels
+    logging.config.dictConfig({"version": 1, "disable_existing_loggers": False, "loggers": {"ray.train": {"level": "DEBUG"}}})
+    for name in QUIET_LOGGERS:
+        logger = logging.getLogger(name)
+        assert logger.level == logging.NOTSET  # the reset happened ...
+        warning = logger.makeRecord(name, logging.WARNING, __file__, 1, "Failed to send resource request", (), None)
+        error = logger.makeRecord(name, logging.ERROR, __file__, 1, "real failure", (), None)
+        assert not logger.filter(warning) and logger.filter(error)  # ... and warnings are still dropped
+    quiet_ray_logs()  # a second call adds no second filter
+    assert all(len(logging.getLogger(n).filters) == 1 for n in QUIET_LOGGERS)

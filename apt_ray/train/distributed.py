@@ -33,12 +33,22 @@ QUIET_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cl
                  "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client")
 
 
+def _errors_only(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR
+
+
 def quiet_ray_logs() -> None:
     """Ray worker setup hook for a local instance: keep only the errors of Ray Train loggers that
     warn on every poll there (the placement-group cleaner cannot query actor state without a
-    dashboard; the autoscaling client times out while the trials keep the CPUs busy)."""
+    dashboard; the autoscaling client times out, with a traceback, while the trials keep the CPUs busy).
+
+    A filter, not a level: Ray Train's controller then runs ``logging.config.dictConfig``, which
+    resets the levels of the ``ray.train`` child loggers but keeps their filters."""
     for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.ERROR)
+        if _errors_only not in logger.filters:
+            logger.addFilter(_errors_only)
 
 
 def worker_env() -> dict[str, str]:
@@ -72,7 +82,7 @@ def make_trainer(
     num_to_keep: int = 2,
 ) -> Any:
     """A ``TorchTrainer`` running ``train_loop_per_worker`` on ``workers`` workers (gloo on CPU, NCCL on GPU)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from apt_ray.train.loop import train_loop_per_worker
@@ -85,6 +95,9 @@ def make_trainer(
         checkpoint_config=CheckpointConfig(num_to_keep=num_to_keep),
         callbacks=list(callbacks) if callbacks else None,
         worker_runtime_env={"env_vars": env} if env else None,
+        # Ray Train's per-run INFO lines (resource requests, worker groups, every checkpoint and report) stay
+        # in its log files under the Ray session; the console keeps its warnings and errors
+        logging_config=LoggingConfig(log_level=os.environ.get("APT_RAY_TRAIN_LOG_LEVEL", "WARNING")),
     )
     return TorchTrainer(
         train_loop_per_worker,

@@ -24,7 +24,7 @@ from apt_ray.data.spec import DataSpec
 from apt_ray.errors import UserError
 from apt_ray.models.presets import build_backbone, get_preset
 
-PRETRAIN_VERSION = 1
+PRETRAIN_VERSION = 2  # 2: tiny-meter without dropout
 DEFAULT_STEPS = 600
 MLM_PROB = 0.15
 
