@@ -209,3 +209,26 @@ def test_local_ray_quiets_only_the_noisy_ray_train_loggers() -> None:
         assert not logger.filter(warning) and logger.filter(error)  # ... and warnings are still dropped
     quiet_ray_logs()  # a second call adds no second filter
     assert all(len(logging.getLogger(n).filters) == 1 for n in QUIET_LOGGERS)
+    # the per-report INFO line of Ray Train's worker context (a logger named after its file) is dropped too
+    import ray.train.v2._internal.execution.context as context
+
+    from apt_ray.train.distributed import report_logger_name
+
+    assert report_logger_name() == context.logger.name
+    info = context.logger.makeRecord(context.logger.name, logging.INFO, __file__, 1, "Reporting training result 1", (), None)
+    warning = context.logger.makeRecord(context.logger.name, logging.WARNING, __file__, 1, "slow", (), None)
+    assert not context.logger.filter(info) and context.logger.filter(warning)
+
+
+def test_ray_train_info_lines_stay_off_the_console(monkeypatch, tmp_path) -> None:
+    """Ray Train's per-report INFO lines go to its log files; APT_RAY_TRAIN_LOG_LEVEL brings them back."""
+    from apt_ray.train.distributed import make_trainer
+
+    def level() -> str:
+        trainer = make_trainer({"model": "tiny-vilt"}, workers=1, use_gpu=False, storage_path=str(tmp_path), name="t")
+        return trainer.run_config.logging_config.log_level
+
+    monkeypatch.delenv("APT_RAY_TRAIN_LOG_LEVEL", raising=False)
+    assert level() == "WARNING"
+    monkeypatch.setenv("APT_RAY_TRAIN_LOG_LEVEL", "INFO")
+    assert level() == "INFO"

@@ -33,8 +33,33 @@ QUIET_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cl
                  "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client")
 
 
+# Ray Train logs every report at INFO from a logger named after its file path, not "ray.train....",
+# so the run's LoggingConfig does not reach it
+REPORT_LOGGER_MODULE = "ray.train.v2._internal.execution.context"
+
+
 def _errors_only(record: logging.LogRecord) -> bool:
     return record.levelno >= logging.ERROR
+
+
+def _warnings_and_up(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING
+
+
+def _add_filter(logger: logging.Logger, keep: Any) -> None:
+    if keep not in logger.filters:
+        logger.addFilter(keep)
+
+
+def report_logger_name() -> str | None:
+    """The name of Ray Train's per-report logger (its module's file path), or None if this Ray has no such module."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(REPORT_LOGGER_MODULE)
+    except ImportError:
+        return None
+    return spec.origin if spec else None
 
 
 def quiet_ray_logs() -> None:
@@ -47,8 +72,10 @@ def quiet_ray_logs() -> None:
     for name in QUIET_LOGGERS:
         logger = logging.getLogger(name)
         logger.setLevel(logging.ERROR)
-        if _errors_only not in logger.filters:
-            logger.addFilter(_errors_only)
+        _add_filter(logger, _errors_only)
+    report = report_logger_name()
+    if report:
+        _add_filter(logging.getLogger(report), _warnings_and_up)
 
 
 def worker_env() -> dict[str, str]:
