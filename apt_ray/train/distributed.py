@@ -17,7 +17,7 @@ import socket
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from apt_ray.config import TrainConfig
 from apt_ray.errors import UserError
@@ -46,7 +46,7 @@ def _warnings_and_up(record: logging.LogRecord) -> bool:
     return record.levelno >= logging.WARNING
 
 
-def _add_filter(logger: logging.Logger, keep: Any) -> None:
+def _add_filter(logger: logging.Logger, keep: Callable[[logging.LogRecord], bool]) -> None:
     if keep not in logger.filters:
         logger.addFilter(keep)
 
