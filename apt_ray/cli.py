@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="key=value settings, e.g. lr=1e-3 num_prompts=32")
     t.set_defaults(func=_train)
 
-    pt = sub.add_parser("pretrain", help="pretrain a tiny backbone on synthetic captions (MLM + ITM), cached")
+    pt = sub.add_parser("pretrain", help="pretrain a tiny backbone on synthetic captions (MLM + ITM, and ITC for METER), cached")
     pt.add_argument("--model", default="tiny-meter", help="tiny-meter or tiny-vilt")
     pt.add_argument("--data-path", default=None, help="cache root (default $APT_RAY_CACHE or ~/.cache/apt_ray)")
     pt.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the cached default backbone's)")

@@ -14,8 +14,8 @@ METHOD_NAMES: tuple[str, ...] = MethodName.__args__
 # parameters a method adds to a pretrained backbone (as METER's lr_mult_head); a linear classifier alone, larger
 # still. Picked on the embedded default's validation split (README: "The embedded default").
 BASE_LR = 1e-3
-BASE_HEAD_LR = 1e-2
-DEFAULT_LR: dict[str, tuple[float, float | None]] = {"linear_probe": (3e-1, None), "head_only": (BASE_HEAD_LR, None)}
+BASE_HEAD_LR = 3e-2
+DEFAULT_LR: dict[str, tuple[float, float | None]] = {"linear_probe": (3.0, None), "head_only": (BASE_HEAD_LR, None)}
 
 
 def default_lr(method: str) -> tuple[float, float | None]:

@@ -482,6 +482,15 @@ class MeterBackbone(nn.Module):
         pooled = torch.cat([self.cross_modal_text_pooler(x), self.cross_modal_image_pooler(y)], dim=-1)
         return BackboneOutput(x, y, pooled)
 
+    def unimodal_cls(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The text and image [CLS] states (B, hidden) of the two encoders alone, in the fusion's input space
+        (after the cross-modal transforms): what image-text contrastive pretraining aligns."""
+        x = self.cross_modal_text_transform(self.encode_text(input_ids, attention_mask))
+        y = self.cross_modal_image_transform(self.encode_image(pixel_values))
+        return x[:, 0], y[:, 0]
+
     def forward(
         self,
         input_ids: torch.Tensor,

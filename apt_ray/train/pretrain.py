@@ -1,7 +1,12 @@
-"""Pretraining of the tiny backbones on synthetic captions: masked language modelling + image-text matching.
+"""Pretraining of the tiny backbones on synthetic captions: masked language modelling + image-text matching,
+and for two-stream backbones (METER) image-text contrast between their encoders (ALBEF's "align before fuse").
 
 The embedded default needs a backbone that already links words to pixels, or
-prompt tuning on top of it would show nothing. ``ensure_pretrained`` builds one
+prompt tuning on top of it would show nothing. METER starts from CLIP, whose
+encoders are aligned already; the tiny METER starts from random encoders, and
+with MLM and ITM alone its matching head stayed at chance for 600 steps (val
+matching accuracy 0.48) while the contrastive term got it to 0.95 in the same
+steps. ``ensure_pretrained`` builds one
 on first use (reproducibly from its seed) and caches it; concurrent callers
 wait on a file lock, and the cache entry is written aside then renamed.
 """
@@ -24,9 +29,18 @@ from apt_ray.errors import UserError
 from apt_ray.models.presets import build_backbone, get_preset
 from apt_ray.train.schedule import cosine_with_warmup
 
-PRETRAIN_VERSION = 2  # 2: tiny-meter without dropout
+PRETRAIN_VERSION = 3  # 2: tiny-meter without dropout; 3: image-text contrast for two-stream backbones
 DEFAULT_STEPS = 600
 MLM_PROB = 0.15
+ITC_TEMPERATURE = 0.07
+
+
+def contrastive_loss(text: torch.Tensor, image: torch.Tensor, temperature: float = ITC_TEMPERATURE) -> torch.Tensor:
+    """Symmetric InfoNCE between (B, d) text and image embeddings; row i of each is the matching pair."""
+    text, image = nn.functional.normalize(text, dim=-1), nn.functional.normalize(image, dim=-1)
+    logits = text @ image.T / temperature
+    target = torch.arange(text.shape[0], device=text.device)
+    return (nn.functional.cross_entropy(logits, target) + nn.functional.cross_entropy(logits.T, target)) / 2
 
 
 class PretrainHeads(nn.Module):
@@ -78,14 +92,18 @@ def pretrain(model: str, spec: DataSpec, out_dir: str | Path, steps: int = DEFAU
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     scheduler = cosine_with_warmup(optimizer, steps // 10, steps)
     generator = torch.Generator().manual_seed(seed)
+    contrast = getattr(backbone, "unimodal_cls", None)  # two-stream backbones only
     backbone.train()
     step, epoch = 0, 0
-    bar = tqdm(total=steps, desc=f"pretraining {model} (MLM+ITM)", disable=not progress, unit="step")
+    bar = tqdm(total=steps, desc=f"pretraining {model} (MLM+ITM{'' if contrast is None else '+ITC'})", disable=not progress, unit="step")
     while step < steps:
         loader.set_epoch(epoch)
         for batch in loader:
             ids, mask, pixels = batch["input_ids"], batch["attention_mask"], batch["pixel_values"]
             b = ids.shape[0]
+            itc = None
+            if contrast is not None:  # on the true pairs, before masking and mismatching
+                itc = contrastive_loss(*contrast(ids.to(device), mask.to(device), pixels.to(device)))
             # image-text matching: half the pairs get another example's image
             mismatched = torch.rand(b, generator=generator) < 0.5
             shift = torch.randint(1, max(b, 2), (1,), generator=generator).item()
@@ -96,7 +114,7 @@ def pretrain(model: str, spec: DataSpec, out_dir: str | Path, steps: int = DEFAU
             out = backbone.encode(masked, mask, pixels)
             mlm = nn.functional.cross_entropy(heads.mlm(out.text_states).flatten(0, 1), labels.flatten(), ignore_index=-100)
             itm = nn.functional.cross_entropy(heads.itm(out.pooled), mismatched.long().to(device))
-            loss = mlm + itm
+            loss = mlm + itm if itc is None else mlm + itm + itc
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(params, 1.0)
@@ -104,7 +122,7 @@ def pretrain(model: str, spec: DataSpec, out_dir: str | Path, steps: int = DEFAU
             scheduler.step()
             step += 1
             bar.update(1)
-            bar.set_postfix(mlm=f"{mlm.item():.3f}", itm=f"{itm.item():.3f}")
+            bar.set_postfix(mlm=f"{mlm.item():.3f}", itm=f"{itm.item():.3f}", **({} if itc is None else {"itc": f"{itc.item():.3f}"}))
             if step >= steps:
                 break
         epoch += 1
@@ -115,7 +133,8 @@ def pretrain(model: str, spec: DataSpec, out_dir: str | Path, steps: int = DEFAU
     backbone.cpu().save_pretrained(tmp)
     (tmp / "pretrain.json").write_text(json.dumps({"model": model, "steps": steps, "seed": seed, "batch_size": batch_size, "lr": lr,
                                                    "device": device.type,
-                                                   "final_mlm_loss": mlm.item(), "final_itm_loss": itm.item(), "version": PRETRAIN_VERSION}))
+                                                   "final_mlm_loss": mlm.item(), "final_itm_loss": itm.item(),
+                                                   "final_itc_loss": None if itc is None else itc.item(), "version": PRETRAIN_VERSION}))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
