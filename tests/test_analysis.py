@@ -15,7 +15,7 @@ from apt_ray.analysis.reading import written_reading
 from apt_ray.errors import UserError
 from apt_ray.sweep.grid import grid_points, prompt_length_spec
 from apt_ray.sweep.spec import StudySpec, check_spec
-from apt_ray.train.scaling import check_worker_counts, loop_like_step, scaling_rows
+from apt_ray.train.scaling import check_worker_counts, loop_like_step, scaling_rows, steady_throughput
 
 
 def frame() -> pd.DataFrame:
@@ -128,6 +128,17 @@ def test_scaling_rows_efficiency_is_relative_to_one_worker() -> None:
         scaling_rows({2: 10.0})
 
 
+def test_steady_throughput_leaves_out_the_warm_up_and_weighs_epochs_by_time() -> None:
+    """A slow first epoch (Ray's start-up) does not count; the rest is total samples over total time."""
+    history = [{"samples_per_s": 10.0, "train_time_s": 100.0},   # 1000 samples, warm-up
+               {"samples_per_s": 200.0, "train_time_s": 5.0},    # 1000 samples
+               {"samples_per_s": 100.0, "train_time_s": 10.0}]   # 1000 samples
+    assert steady_throughput({"history": history}) == pytest.approx(2000 / 15)
+    assert steady_throughput({"history": history}, warmup_epochs=0) == pytest.approx(3000 / 115)
+    with pytest.raises(RuntimeError, match="at least 2"):
+        steady_throughput({"history": history[:1]})
+
+
 def test_ceiling_step_updates_what_the_loop_updates() -> None:
     """The --ceiling processes time the loop's whole step: after it the method's and the head's weights moved
     (the AdamW update is in), the frozen backbone did not."""
@@ -155,7 +166,7 @@ def test_worker_counts_are_checked(counts: list[int], batch: int, words: str) ->
 def test_scaling_cli_bad_input_exits_2_before_ray(capsys: pytest.CaptureFixture[str]) -> None:
     module = load_script("studies/scaling_workers.py")
     cases = [(["--workers", "2", "4"], "include 1"), (["--workers", "1", "2", "--method", "nope"], "method='nope'"),
-             (["--workers", "1", "0"], "positive"), (["--workers", "1", "2", "--tracking-uri", "http://127.0.0.1:9"], "cannot be reached")]
+             (["--workers", "1", "0"], "positive"), (["--workers", "1", "2", "--epochs", "1"], "warms up"), (["--workers", "1", "2", "--tracking-uri", "http://127.0.0.1:9"], "cannot be reached")]
     for argv, words in cases:
         assert module.main(argv) == 2, argv
         err = capsys.readouterr().err

@@ -48,6 +48,9 @@ def test_result_times_the_set_up_before_the_first_step(tmp_path):
     assert res["setup_s"] > 0 and res["torch_threads"] >= 1
     train_s = res["global_step"] * res["step_time_ms"] / 1000
     assert res["setup_s"] + train_s <= t1 - t0
+    epoch = res["history"][-1]  # the epoch's training time and throughput give back its samples (the scaling study's sums)
+    assert 0 < epoch["train_time_s"] <= t1 - t0
+    assert epoch["samples_per_s"] * epoch["train_time_s"] == pytest.approx(res["global_step"] * TINY["batch_size"])
 
 
 def test_resumed_at_the_final_checkpoint_reports_once_more(tmp_path):

@@ -247,6 +247,7 @@ class Trainer:
                 "epoch": self.epoch + 1, "global_step": self.global_step,
                 "train_loss": train_loss, "val_vqa_score": score,
                 "samples_per_s": samples / elapsed if elapsed > 0 else 0.0,
+                "train_time_s": elapsed,  # rank 0's wall time over the epoch's training steps (no evaluation)
                 "step_time_ms": 1000 * statistics.median(step_times) if step_times else 0.0,
                 "lr": self.scheduler.get_last_lr()[0],
             }

@@ -2,9 +2,12 @@
 
 Efficiency is ``samples_per_s(W) / (W * samples_per_s(1))``: 1.0 is perfect linear
 scaling, 0.5 means half of every added worker is lost (communication, stragglers,
-a machine too busy to give each worker its core). Throughput is the last epoch's
-training samples per second as the loop reports it (all ranks' samples over rank
-0's epoch wall time), so worker start-up and the first epoch's warm-up are left out.
+a machine too busy to give each worker its core). Throughput is the steady state:
+all ranks' training samples over rank 0's training wall time, summed over the
+epochs after the first. The first epoch is left out because it overlaps Ray's own
+start-up (the Train controller's helper actors and prestarted worker processes
+import their libraries for the first seconds of a run); on a machine whose cores
+the workers fill, that work would otherwise be charged to the many-worker runs only.
 """
 
 from __future__ import annotations
@@ -39,12 +42,15 @@ def scaling_rows(throughput: dict[int, float]) -> list[dict[str, Any]]:
     return [{"workers": w, "samples_per_s": sps, "efficiency": sps / (w * base)} for w, sps in sorted(throughput.items())]
 
 
-def last_epoch_throughput(result: dict[str, Any]) -> float:
-    """Samples/s of the last epoch of a finished run (``run_distributed``'s result)."""
-    history = result.get("history") or []
-    if not history:
-        raise RuntimeError("the run reported no finished epoch, so it has no throughput")
-    return float(history[-1]["samples_per_s"])
+def steady_throughput(result: dict[str, Any], warmup_epochs: int = 1) -> float:
+    """Samples/s of a finished run (``run_distributed``'s result) over its epochs after ``warmup_epochs``:
+    total samples over total training time, so a longer epoch weighs more."""
+    measured = (result.get("history") or [])[warmup_epochs:]
+    if not measured:
+        raise RuntimeError(f"the run finished {len(result.get('history') or [])} epoch(s); throughput is measured after "
+                           f"{warmup_epochs} warm-up epoch(s), so it needs at least {warmup_epochs + 1}")
+    seconds = sum(float(h["train_time_s"]) for h in measured)
+    return sum(float(h["samples_per_s"]) * float(h["train_time_s"]) for h in measured) / seconds
 
 
 def measure(cfg: TrainConfig, counts: Sequence[int], repeats: int = 1, storage_path: str | None = None,
@@ -60,7 +66,7 @@ def measure(cfg: TrainConfig, counts: Sequence[int], repeats: int = 1, storage_p
         for w in (counts if r % 2 == 0 else list(reversed(counts))):
             result = run_distributed(cfg, workers=w, storage_path=storage_path, name=f"scaling-{tag}-w{w}-r{r}",
                                      resources_per_worker={"CPU": cpus_per_worker})
-            samples[w].append(last_epoch_throughput(result))
+            samples[w].append(steady_throughput(result))
     return samples
 
 
