@@ -188,11 +188,25 @@ def test_no_secrets_in_logged_params_or_tags(tmp_path: Path, monkeypatch: pytest
     assert secret not in mt.redact(uri) and "alice" not in mt.redact(uri)
 
 
+def test_worker_setup_hook_imports_only_the_standard_library() -> None:
+    """Ray runs the hook in every process it starts: importing it must not pull in torch, transformers or pydantic
+    (that cost each Ray process about 3 s of CPU)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, importlib; from apt_ray.train.ray_logs import QUIET_HOOK; mod, fn = QUIET_HOOK.rsplit('.', 1); "
+            "getattr(importlib.import_module(mod), fn)(); "
+            "print(sorted(m for m in ('torch', 'transformers', 'pydantic', 'numpy', 'ray') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=pathlib.Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
 def test_local_ray_quiets_only_the_noisy_ray_train_loggers() -> None:
     """The worker set-up hook of a local instance keeps the errors of Ray Train's per-poll warners, nothing else."""
     import logging
 
-    from apt_ray.train.distributed import QUIET_LOGGERS, quiet_ray_logs
+    from apt_ray.train.ray_logs import QUIET_LOGGERS, quiet_ray_logs
 
     import logging.config
 
@@ -212,7 +226,7 @@ def test_local_ray_quiets_only_the_noisy_ray_train_loggers() -> None:
     # the per-report INFO line of Ray Train's worker context (a logger named after its file) is dropped too
     import ray.train.v2._internal.execution.context as context
 
-    from apt_ray.train.distributed import report_logger_name
+    from apt_ray.train.ray_logs import report_logger_name
 
     assert report_logger_name() == context.logger.name
     info = context.logger.makeRecord(context.logger.name, logging.INFO, __file__, 1, "Reporting training result 1", (), None)

@@ -17,67 +17,17 @@ import socket
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from apt_ray.config import TrainConfig
 from apt_ray.errors import UserError
+from apt_ray.train.ray_logs import QUIET_HOOK
 
 log = logging.getLogger("apt_ray.train")
 
 FORWARDED_ENV = ("APT_RAY_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 PATH_KEYS = ("data_path", "checkpoint", "resume_from", "output_dir")
 CONNECT_TIMEOUT_S = 5.0
-QUIET_HOOK = "apt_ray.train.distributed.quiet_ray_logs"
-QUIET_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",
-                 # a traceback per timed-out resource request while the CPUs are busy ("safe to ignore", says Ray)
-                 "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client")
-
-
-# Ray Train logs every report at INFO from a logger named after its file path, not "ray.train....",
-# so the run's LoggingConfig does not reach it
-REPORT_LOGGER_MODULE = "ray.train.v2._internal.execution.context"
-
-
-def _errors_only(record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.ERROR
-
-
-def _warnings_and_up(record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.WARNING
-
-
-def _add_filter(logger: logging.Logger, keep: Callable[[logging.LogRecord], bool]) -> None:
-    if keep not in logger.filters:
-        logger.addFilter(keep)
-
-
-def report_logger_name() -> str | None:
-    """The name of Ray Train's per-report logger (its module's file path), or None if this Ray has no such module."""
-    import importlib.util
-
-    try:
-        spec = importlib.util.find_spec(REPORT_LOGGER_MODULE)
-    except ImportError:
-        return None
-    return spec.origin if spec else None
-
-
-def quiet_ray_logs() -> None:
-    """Ray worker setup hook for a local instance: keep only the errors of Ray Train loggers that
-    warn on every poll there (the placement-group cleaner cannot query actor state without a
-    dashboard; the autoscaling client times out, with a traceback, while the trials keep the CPUs busy).
-
-    A filter, not a level: Ray Train's controller then runs ``logging.config.dictConfig``, which
-    resets the levels of the ``ray.train`` child loggers but keeps their filters."""
-    for name in QUIET_LOGGERS:
-        logger = logging.getLogger(name)
-        logger.setLevel(logging.ERROR)
-        _add_filter(logger, _errors_only)
-    report = report_logger_name()
-    if report:
-        _add_filter(logging.getLogger(report), _warnings_and_up)
-
-
 def worker_env() -> dict[str, str]:
     """Environment the workers need to share the driver's data cache and offline settings."""
     env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
