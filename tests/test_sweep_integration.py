@@ -52,8 +52,10 @@ def study_file(tmp_path: Path, **fields: Any) -> Path:
 
 
 def subprocess_env(cache: Path, ray_tmp: Path) -> dict[str, str]:
+    """The sweep's environment: a private Ray temp dir, the session's data cache, and fast Ray Train polling
+    (as in conftest.py's ``ray_cluster``)."""
     return {**os.environ, "APT_RAY_CACHE": str(cache), "RAY_TMPDIR": str(ray_tmp), "PYTHONPATH": str(ROOT),
-            "RAY_DEDUP_LOGS": "1"}
+            "RAY_DEDUP_LOGS": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
 
 @pytest.fixture()
