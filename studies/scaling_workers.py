@@ -6,9 +6,10 @@
 
 Each worker count runs the same trial (apt_ray.train.distributed.run_distributed: a Ray Train
 TorchTrainer, DDP over gloo) with the same global batch split over the workers. Throughput is the
-steady state: samples/s over the epochs after the first (which overlaps Ray's start-up); efficiency = samples_per_s(W) / (W * samples_per_s(1)). Prints a table,
-logs one MLflow run (metrics at step W, the table as an artifact) and with --json writes rows
-{workers, samples_per_s, efficiency}. key=value pairs are trial settings (num_train_images=256 ...).
+steady state: samples/s over the epochs after the first (which overlaps Ray's start-up);
+efficiency = samples_per_s(W) / (W * samples_per_s(1)). Prints a table, logs one MLflow run
+(metrics at step W, the table as an artifact) and with --json writes rows {workers, samples_per_s,
+efficiency}. key=value pairs are trial settings (num_train_images=256 ...).
 The counts alternate between repeats and the medians are reported: this machine's speed drifts over minutes.
 """
 
