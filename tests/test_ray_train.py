@@ -185,3 +185,26 @@ def test_tune_trial_runs_a_trainer(ray_cluster: None, tmp_path: Path) -> None:
     assert best.error is None
     assert best.metrics["global_step"] == 4 and "val_vqa_score" in best.metrics
     assert Path(best.metrics["checkpoint_path"]).is_dir()
+
+
+def test_scaling_study_end_to_end(ray_cluster: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """studies/scaling_workers.py on the shared instance: a row per worker count (1 worker is the baseline, at
+    efficiency 1), the same rows in --json and in the MLflow run (metrics at step = workers, every repeat kept)."""
+    import mlflow
+
+    from tests.helpers import load_script
+
+    out, uri = tmp_path / "scaling.json", f"sqlite:///{tmp_path}/m.db"
+    module = load_script("studies/scaling_workers.py")
+    rc = module.main(["--workers", "2", "1", "--batch-size", "8", "--epochs", "2", "--repeats", "1", "--json", str(out),
+                      "--tracking-uri", uri, "--storage-path", str(tmp_path / "runs"), "model=tiny-vilt", "num_train_images=32"])
+    assert rc == 0, capsys.readouterr().err
+    rows = json.loads(out.read_text())
+    assert [r["workers"] for r in rows] == [1, 2]
+    assert rows[0]["efficiency"] == 1.0 and all(r["samples_per_s"] > 0 for r in rows)
+    assert rows[1]["efficiency"] == pytest.approx(rows[1]["samples_per_s"] / (2 * rows[0]["samples_per_s"]))
+    client = mlflow.MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("scaling-workers").experiment_id])
+    assert run.info.status == "FINISHED"
+    history = client.get_metric_history(run.info.run_id, "efficiency")
+    assert sorted((m.step, m.value) for m in history) == [(r["workers"], pytest.approx(r["efficiency"])) for r in rows]
