@@ -37,7 +37,7 @@ class AdapterSite(SiteMethod):
 
 
 def apply(model: VQAModel, spec: MethodSpec) -> AppliedMethod:
-    layers, sites = prepare(model, spec)
+    spec, layers, sites = prepare(model, spec)
     m = spec.adapter_dim
     for site in sites:
         site.module.attach(AdapterSite(site.hidden_size, m))

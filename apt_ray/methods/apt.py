@@ -39,7 +39,7 @@ class APTSite(SiteMethod):
 
 
 def apply(model: VQAModel, spec: MethodSpec) -> AppliedMethod:
-    layers, sites = prepare(model, spec)
+    spec, layers, sites = prepare(model, spec)
     p, r = spec.num_prompts, spec.rank
     for site in sites:
         site.module.attach(APTSite(site.hidden_size, p, r))

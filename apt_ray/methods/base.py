@@ -54,9 +54,26 @@ class AppliedMethod:
         return out
 
 
-def prepare(model: VQAModel, spec: MethodSpec, kinds: tuple[str, ...] = ("self", "cross")) -> tuple[list[int], list[AttentionSite]]:
-    """Freeze the backbone, keep the head trainable, check the backbone-dependent bounds, pick sites."""
+SITE_KINDS: dict[str, tuple[str, ...]] = {"all": ("self", "cross"), "self": ("self",), "cross": ("cross",)}
+
+
+def resolve_layout(spec: MethodSpec, backbone: nn.Module) -> MethodSpec:
+    """Fill the layout knobs left unset (``sites``, ``project_queries``) from the backbone's released layout for
+    this method (``backbone.method_layouts``), then from the generic default (all sites, queries projected)."""
+    layout = {**{"sites": "all", "project_queries": True}, **getattr(backbone, "method_layouts", {}).get(spec.name, {})}
+    return spec.model_copy(update={k: v for k, v in layout.items() if getattr(spec, k) is None})
+
+
+def prepare(
+    model: VQAModel, spec: MethodSpec, allowed: tuple[str, ...] = ("self", "cross")
+) -> tuple[MethodSpec, list[int], list[AttentionSite]]:
+    """Freeze the backbone, keep the head trainable, check the backbone-dependent bounds, pick sites.
+
+    Returns the spec with its layout resolved for this backbone, the chosen layers and the sites of the
+    allowed kinds that ``spec.sites`` selects in them.
+    """
     backbone = model.backbone
+    spec = resolve_layout(spec, backbone)
     for p in backbone.parameters():
         p.requires_grad_(False)
     for p in model.head.parameters():
@@ -66,8 +83,16 @@ def prepare(model: VQAModel, spec: MethodSpec, kinds: tuple[str, ...] = ("self",
             f"rank {spec.rank} is above the hidden size {backbone.hidden_size} of this backbone: "
             f"use a rank between 1 and {backbone.hidden_size}."
         )
+    all_sites = backbone.attention_sites()
+    available = sorted({s.kind for s in all_sites})
+    if spec.sites != "all" and spec.sites not in available:
+        raise UserError(
+            f"sites={spec.sites}: this backbone has no {spec.sites}-attention sites (it has {', '.join(available)} "
+            f"attention only). Use sites=all{''.join(f' or sites={k}' for k in available)}."
+        )
+    kinds = tuple(k for k in SITE_KINDS[spec.sites] if k in allowed)
     layers = resolve_layers(backbone.num_layers, spec.depth, spec.placement, spec.layers)
-    return layers, select_sites(backbone.attention_sites(), layers, kinds)
+    return spec, layers, select_sites(all_sites, layers, kinds)
 
 
 def count(module: nn.Module) -> int:

@@ -53,7 +53,7 @@ def fold(model: nn.Module) -> int:
 
 
 def apply(model: VQAModel, spec: MethodSpec) -> AppliedMethod:
-    layers, sites = prepare(model, spec)
+    spec, layers, sites = prepare(model, spec)
     p, h = spec.num_prompts, spec.reparam_hidden
     proj = 3 if spec.project_queries else 2
     for site in sites:

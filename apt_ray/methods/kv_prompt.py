@@ -30,7 +30,7 @@ class KVPromptSite(SiteMethod):
 
 
 def apply(model: VQAModel, spec: MethodSpec) -> AppliedMethod:
-    layers, sites = prepare(model, spec, kinds=("self",))
+    spec, layers, sites = prepare(model, spec, allowed=("self",))
     p, v = spec.num_prompts, spec.num_visual_prompts
     backbone = model.backbone
     for site in sites:

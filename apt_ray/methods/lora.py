@@ -10,7 +10,7 @@ from apt_ray.models.vqa import VQAModel
 def apply(model: VQAModel, spec: MethodSpec) -> AppliedMethod:
     from peft import LoraConfig, inject_adapter_in_model  # heavy import, only when LoRA is used
 
-    layers, sites = prepare(model, spec)
+    spec, layers, sites = prepare(model, spec)
     backbone = model.backbone
     names = {id(m): n for n, m in backbone.named_modules()}
     targets: list[str] = []

@@ -10,7 +10,7 @@ from apt_ray.models.vqa import VQAModel
 
 def apply_linear_probe(model: VQAModel, spec: MethodSpec) -> AppliedMethod:
     """The classic probe: one Linear layer on the frozen pooled features, in place of the MLP head."""
-    layers, _ = prepare(model, spec)
+    spec, layers, _ = prepare(model, spec)
     old = model.head
     model.head = VQAHead(old.in_dim, None, old.num_answers, device=next(old.parameters()).device)
     return AppliedMethod(spec, layers, [])
@@ -18,12 +18,12 @@ def apply_linear_probe(model: VQAModel, spec: MethodSpec) -> AppliedMethod:
 
 def apply_head_only(model: VQAModel, spec: MethodSpec) -> AppliedMethod:
     """The backbone frozen and nothing added: only the task's MLP head (the one every other method trains) learns."""
-    layers, _ = prepare(model, spec)
+    spec, layers, _ = prepare(model, spec)
     return AppliedMethod(spec, layers, [])
 
 
 def apply_full(model: VQAModel, spec: MethodSpec) -> AppliedMethod:
-    layers, _ = prepare(model, spec)
+    spec, layers, _ = prepare(model, spec)
     for p in model.backbone.parameters():
         p.requires_grad_(True)
     return AppliedMethod(spec, layers, [], global_params=count(model.backbone))

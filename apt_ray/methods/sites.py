@@ -52,6 +52,12 @@ class SiteAttention(nn.Module):
     def detach_all(self) -> None:
         self.site_methods = nn.ModuleList()
 
+    def prompt_norm(self) -> nn.Module | None:
+        """The normalisation the site's real tokens pass through before ``W_q, W_k, W_v`` (ViLT's pre-norm
+        LayerNorm), which prompt tokens entering the layer also pass through; None where tokens enter unnormalised
+        (METER's post-norm blocks)."""
+        return None
+
 
 @dataclass(frozen=True)
 class AttentionSite:

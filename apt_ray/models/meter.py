@@ -258,6 +258,9 @@ class MeterBackbone(nn.Module):
     """
 
     family = "meter"
+    # The APT authors' released METER prompt code: prompts join the keys and values of cross-attention only,
+    # through W_k and W_v (no query projection).
+    method_layouts = {"deep_prompt": {"sites": "cross", "project_queries": False}}
     base_model_prefix = ""  # read by peft (LoRA) on models whose config has a model_type
 
     def __init__(self, config: MeterConfig) -> None:

@@ -17,11 +17,15 @@ from apt_ray.models.output import BackboneOutput
 class ViltSiteAttention(SiteAttention):
     """Drop-in for ``ViltAttention`` reusing its Linear layers (state-dict keys unchanged)."""
 
-    def __init__(self, original: ViltAttention, num_heads: int) -> None:
+    def __init__(self, original: ViltAttention, num_heads: int, norm: nn.LayerNorm) -> None:
         super().__init__()
         self.attention = original.attention  # query / key / value / dropout
         self.output = original.output  # dense / dropout
         self.num_heads = num_heads
+        self._norm = (norm,)  # the layer's layernorm_before, owned by the layer (a tuple keeps it out of the state dict)
+
+    def prompt_norm(self) -> nn.Module:
+        return self._norm[0]
 
     def projections(self) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
         a = self.attention
@@ -49,7 +53,7 @@ class ViltBackbone(nn.Module):
         self.vilt = vilt if vilt is not None else ViltModel(config, add_pooling_layer=True)
         for layer in self.vilt.encoder.layer:
             if not isinstance(layer.attention, ViltSiteAttention):
-                layer.attention = ViltSiteAttention(layer.attention, config.num_attention_heads)
+                layer.attention = ViltSiteAttention(layer.attention, config.num_attention_heads, layer.layernorm_before)
         self._image_prompts: tuple[nn.Parameter, ...] = ()  # a tuple, so the method (not the backbone) owns it
         self.vilt.embeddings.register_forward_hook(self._append_image_prompts)
 
