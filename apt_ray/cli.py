@@ -19,6 +19,10 @@ def _layers(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of layer indices, e.g. 0,1,5") from None
 
 
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
 def _image_hw(text: str) -> tuple[int, int]:
     try:
         h, _, w = text.lower().partition("x")
@@ -36,9 +40,15 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--depth", type=int, default=None, help="number of layers carrying the method (default all)")
     p.add_argument("--placement", default=None, help="bottom (first D layers) or top (last D layers)")
     p.add_argument("--layers", type=_layers, default=None, help="explicit comma-separated layer indices")
-    p.add_argument("--reparam-hidden", type=int, default=None, help="deep_prompt: OFA-PT reparameterisation width")
-    p.add_argument("--num-visual-prompts", type=int, default=None, help="kv_prompt: visual prompts at the input")
+    p.add_argument("--sites", choices=("all", "self", "cross"), default=None,
+                   help="attention sites of the chosen layers (default: the method's released layout on this backbone)")
+    p.add_argument("--no-project-queries", dest="project_queries", action="store_false", default=None,
+                   help="deep_prompt: do not project the prompts through W_q")
+    p.add_argument("--reparam-hidden", type=int, default=None, help="deep_prompt: OFA-PT prefix encoder width")
+    p.add_argument("--num-visual-prompts", type=int, default=None, help="kv_prompt: visual prompts")
     p.add_argument("--adapter-dim", type=int, default=None, help="adapter bottleneck width")
+    p.add_argument("--train-extras", type=_names, default=None,
+                   help="backbone parts trained besides the method, comma-separated from pooler,token_type,cls_token ('' for none; default: all three)")
 
 
 def method_spec_from_args(args: argparse.Namespace):
@@ -49,7 +59,8 @@ def method_spec_from_args(args: argparse.Namespace):
     fields = {
         "name": args.method, "num_prompts": args.num_prompts, "rank": args.rank, "depth": args.depth,
         "placement": args.placement, "layers": args.layers, "reparam_hidden": args.reparam_hidden,
-        "num_visual_prompts": args.num_visual_prompts, "adapter_dim": args.adapter_dim,
+        "num_visual_prompts": args.num_visual_prompts, "adapter_dim": args.adapter_dim, "sites": args.sites,
+        "project_queries": args.project_queries, "train_extras": args.train_extras,
     }
     try:
         return MethodSpec(**{k: v for k, v in fields.items() if v is not None})
@@ -83,8 +94,10 @@ def format_profile(prof, per_site: bool = False) -> str:
         ("base GMACs", f"{prof.base_gmacs:.3f}"), ("total GMACs", f"{prof.total_gmacs:.3f}"),
         ("additional GMACs (measured)", f"{prof.measured_additional_gmacs:.3f}"),
         ("additional GMACs (analytic)", f"{prof.analytic_additional_gmacs:.3f}"),
+        ("layout", ", ".join(f"{k}={v}" for k, v in prof.layout.items())),
         ("updated params", f"{prof.updated_params:,} ({prof.updated_params / 1e6:.2f}M)"),
-        ("trainable params (+head)", f"{prof.trainable_params:,} ({prof.trainable_params / 1e6:.2f}M)"),
+        ("trainable params", f"{prof.trainable_params:,} ({prof.trainable_params / 1e6:.2f}M): "
+                             + ", ".join(f"{k} {v:,}" for k, v in prof.trainable_groups.items())),
     ]
     width = max(len(k) for k, _ in rows)
     lines = [f"{k:<{width}}  {v}" for k, v in rows] + [f"({prof.convention})"]

@@ -10,23 +10,31 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from apt_ray.data.spec import DataSpec
 from apt_ray.errors import UserError, validation_message
-from apt_ray.methods.spec import MethodName, MethodSpec, default_lr
+from apt_ray.methods.spec import ExtraName, MethodName, MethodSpec, SiteChoice
+from apt_ray.models.preprocessing import resolve_image_processor, resolve_tokenizer
 from apt_ray.models.presets import get_preset
+from apt_ray.train.recipes import RECIPES, get_recipe
 
 
 class TrainConfig(BaseModel):
-    """One trial: backbone, method, data and optimisation, as one flat mapping."""
+    """One trial: backbone, method, data and optimisation, as one flat mapping.
+
+    Optimisation keys left unset come from the ``recipe`` (see :mod:`apt_ray.train.recipes`); after validation
+    they hold the values the trial uses.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    # backbone
+    # backbone and its preprocessing
     model: str = "tiny-meter"
     checkpoint: str | None = Field(None, description="backbone weights: transformers dir / hub id / METER .ckpt")
     pretrained: bool = Field(True, description="tiny presets without checkpoint: use the self-pretrained backbone")
+    tokenizer: str | None = Field(None, description="text tokenizer dir or hub id (default: the checkpoint's own; required with a METER .ckpt: roberta-base)")
+    image_processor: str | None = Field(None, description="image processor dir or hub id (default: the checkpoint's own, else the backbone's standard one)")
     # method (see MethodSpec)
     method: MethodName = "apt"
     num_prompts: int = Field(16, ge=1)
@@ -34,12 +42,18 @@ class TrainConfig(BaseModel):
     depth: int | None = Field(None, ge=1)
     placement: Literal["bottom", "top"] = "bottom"
     layers: list[int] | None = None
+    sites: SiteChoice | None = None
     reparam_hidden: int | None = Field(None, ge=1)
-    project_queries: bool = True
+    reparam_dropout: float = Field(0.2, ge=0, lt=1)
+    project_queries: bool | None = None
+    train_scale: bool | None = None
+    shared_kv: bool = True
     num_visual_prompts: int = Field(8, ge=0)
+    deep_visual_prompts: bool = True
     adapter_dim: int = Field(32, ge=1)
     lora_alpha: float = Field(8.0, gt=0)
     lora_dropout: float = Field(0.0, ge=0, lt=1)
+    train_extras: list[ExtraName] | None = Field(None, description="backbone parts trained besides the method (default: pooler, token_type, cls_token)")
     # data
     data: Literal["synthetic", "vqav2_arrow", "hf"] = "synthetic"
     data_path: str | None = None
@@ -49,18 +63,22 @@ class TrainConfig(BaseModel):
     max_train_questions: int | None = Field(None, gt=0)
     max_val_questions: int | None = Field(None, gt=0)
     max_text_len: int | None = Field(None, ge=3, description="default: the preset's text length")
-    image_size: int | None = Field(None, ge=8, description="default: the preset's image size")
+    image_size: int | None = Field(None, ge=8, description="default: the preset's image size (ViLT: the shorter side)")
     answer_top_k: int = Field(3129, gt=0)
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
-    # optimisation
-    epochs: int = Field(3, ge=1)
+    # optimisation (unset: the recipe's)
+    recipe: str = Field("embedded", description="named optimisation settings: " + ", ".join(RECIPES))
+    epochs: int | None = Field(None, ge=1)
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimiser steps")
-    batch_size: int = Field(64, ge=1, description="global batch size (split over Ray Train workers)")
-    lr: float | None = Field(None, gt=0, description="learning rate of the method's parameters (default: the method's own)")
-    head_lr: float | None = Field(None, gt=0, description="learning rate of the task head (default: the method's own)")
-    weight_decay: float = Field(0.01, ge=0)
-    warmup_ratio: float = Field(0.1, ge=0, lt=1)
-    grad_clip: float = Field(1.0, gt=0)
+    batch_size: int | None = Field(None, ge=1, description="global batch size (split over Ray Train workers)")
+    lr: float | None = Field(None, gt=0, description="base learning rate: the method's parameters train at lr x the recipe's method multiplier")
+    head_lr: float | None = Field(None, gt=0, description="learning rate of the task head")
+    weight_decay: float | None = Field(None, ge=0)
+    warmup_ratio: float | None = Field(None, ge=0, lt=1)
+    schedule: Literal["linear", "cosine"] | None = None
+    adam_betas: tuple[float, float] | None = None
+    grad_clip: float | None = Field(None, ge=0, description="max gradient norm; 0 turns clipping off")
+    precision: Literal["bf16", "fp16", "fp32"] | None = Field(None, description="autocast dtype on GPU")
     seed: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # checkpoints and output
@@ -69,24 +87,42 @@ class TrainConfig(BaseModel):
     resume_from: str | None = Field(None, description="a checkpoint dir (or an output_dir) to resume from")
     inject_failure_at_step: int | None = Field(None, ge=1, description="testing: one worker dies abruptly once at this step")
 
+    @field_validator("recipe")
+    @classmethod
+    def _known_recipe(cls, name: str) -> str:
+        get_recipe(name)
+        return name
+
     @model_validator(mode="after")
-    def _method_default_lr(self) -> "TrainConfig":
-        lr, head_lr = default_lr(self.method)
+    def _fill_from_recipe(self) -> "TrainConfig":
+        r = get_recipe(self.recipe)
         if self.lr is None:
-            self.lr = lr
+            self.lr = r.base_lr(self.method)
         if self.head_lr is None:
-            self.head_lr = head_lr or self.lr
+            self.head_lr = r.head_rate(self.method, self.lr)
+        for key, value in (("epochs", r.epochs), ("batch_size", r.batch_size), ("weight_decay", r.weight_decay),
+                           ("warmup_ratio", r.warmup_ratio), ("schedule", r.schedule), ("adam_betas", r.betas),
+                           ("grad_clip", r.grad_clip), ("precision", r.precision)):
+            if getattr(self, key) is None:
+                setattr(self, key, value)
         return self
 
+    def group_lrs(self) -> dict[str, float]:
+        """Learning rate of each trainable group: the head at ``head_lr``, the others at ``lr`` x the recipe's multiplier."""
+        mult = get_recipe(self.recipe).lr_mult
+        rates = {g: self.lr * mult.get(g, 1.0) for g in ("method", "pooler", "token_type", "cls_token")}
+        return {**rates, "head": self.head_lr}
+
     def method_spec(self) -> MethodSpec:
-        keys = ("num_prompts", "rank", "depth", "placement", "layers", "reparam_hidden", "project_queries",
-                "num_visual_prompts", "adapter_dim", "lora_alpha", "lora_dropout")
+        keys = [k for k in MethodSpec.model_fields if k != "name"]
         try:
             return MethodSpec(name=self.method, **{k: getattr(self, k) for k in keys})
         except ValidationError as e:
             raise UserError(validation_message(e, list(MethodSpec.model_fields))) from None
 
-    def data_spec(self, world_size: int = 1, rank: int = 0, tokenizer: str | None = None) -> DataSpec:
+    def data_spec(self, world_size: int = 1, rank: int = 0, pretrained_dir: Path | None = None) -> DataSpec:
+        """The trial's data, tokenised and preprocessed as its backbone needs (see :mod:`apt_ray.models.preprocessing`);
+        ``pretrained_dir``: the self-pretrained tiny backbone it loads, if any."""
         preset = get_preset(self.model)
         if self.batch_size % world_size:
             raise UserError(
@@ -99,7 +135,10 @@ class TrainConfig(BaseModel):
             max_train_questions=self.max_train_questions, max_val_questions=self.max_val_questions,
             image_size=self.image_size or preset.image_hw[0], max_text_len=self.max_text_len or preset.text_len,
             answer_top_k=self.answer_top_k, batch_size=self.batch_size // world_size, num_workers=self.num_workers,
-            seed=self.seed, world_size=world_size, rank=rank, tokenizer=tokenizer,
+            seed=self.seed, world_size=world_size, rank=rank,
+            tokenizer=resolve_tokenizer(preset.family, self.checkpoint, self.tokenizer, pretrained_dir),
+            image_processor=resolve_image_processor(self.checkpoint, self.image_processor, pretrained_dir),
+            processor_family=preset.family, patch_size=preset.patch_size,
         )
 
 

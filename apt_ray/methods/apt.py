@@ -42,9 +42,12 @@ def apply(model: VQAModel, spec: MethodSpec) -> AppliedMethod:
     spec, layers, sites = prepare(model, spec)
     p, r = spec.num_prompts, spec.rank
     for site in sites:
-        site.module.attach(APTSite(site.hidden_size, p, r))
+        module = APTSite(site.hidden_size, p, r)
+        module.log_scale.requires_grad_(bool(spec.train_scale))
+        site.module.attach(module)
+    scale = int(bool(spec.train_scale))
     return AppliedMethod(
         spec, layers, sites,
         site_macs=lambda s, nq, nk: 2 * nq * p * s.hidden_size + 2 * p * s.hidden_size * r,
-        site_params=lambda s: p * s.hidden_size + 2 * s.hidden_size * r + 1,
+        site_params=lambda s: p * s.hidden_size + 2 * s.hidden_size * r + scale,
     )

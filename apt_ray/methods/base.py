@@ -9,7 +9,7 @@ from torch import nn
 
 from apt_ray.errors import UserError
 from apt_ray.methods.sites import AttentionSite, FFNSite, resolve_layers, select_sites
-from apt_ray.methods.spec import MethodSpec
+from apt_ray.methods.spec import AUTHORS_EXTRAS, MethodSpec
 from apt_ray.models.vqa import VQAModel
 
 
@@ -32,6 +32,12 @@ class AppliedMethod:
     site_params: Callable[[AttentionSite], int] = lambda s: 0
     ffn_params: Callable[[FFNSite], int] = lambda s: 0
     global_params: int = 0
+    extras: tuple[str, ...] = ()
+    groups: dict[str, list[nn.Parameter]] = field(default_factory=dict)
+
+    def group_sizes(self) -> dict[str, int]:
+        """Trainable parameters per group (``method``, ``head`` and each trained extra)."""
+        return {name: sum(p.numel() for p in ps) for name, ps in self.groups.items()}
 
     @property
     def name(self) -> str:
@@ -58,9 +64,9 @@ SITE_KINDS: dict[str, tuple[str, ...]] = {"all": ("self", "cross"), "self": ("se
 
 
 def resolve_layout(spec: MethodSpec, backbone: nn.Module) -> MethodSpec:
-    """Fill the layout knobs left unset (``sites``, ``project_queries``) from the backbone's released layout for
+    """Fill the layout knobs left unset (``sites``, ``project_queries``, ``train_scale``) from the backbone's released layout for
     this method (``backbone.method_layouts``), then from the generic default (all sites, queries projected)."""
-    layout = {**{"sites": "all", "project_queries": True}, **getattr(backbone, "method_layouts", {}).get(spec.name, {})}
+    layout = {**{"sites": "all", "project_queries": True, "train_scale": True}, **getattr(backbone, "method_layouts", {}).get(spec.name, {})}
     return spec.model_copy(update={k: v for k, v in layout.items() if getattr(spec, k) is None})
 
 
@@ -93,6 +99,36 @@ def prepare(
     kinds = tuple(k for k in SITE_KINDS[spec.sites] if k in allowed)
     layers = resolve_layers(backbone.num_layers, spec.depth, spec.placement, spec.layers)
     return spec, layers, select_sites(all_sites, layers, kinds)
+
+
+# Methods whose definition leaves the rest of the backbone alone: a linear probe reads frozen features, and full
+# fine-tuning already trains every backbone part.
+NO_EXTRAS = ("linear_probe", "full")
+
+
+def resolve_extras(spec: MethodSpec) -> tuple[str, ...]:
+    """The backbone extras a spec trains: its ``train_extras``, else the authors' set (none for NO_EXTRAS)."""
+    if spec.train_extras is not None:
+        return tuple(dict.fromkeys(spec.train_extras))
+    return () if spec.name in NO_EXTRAS else AUTHORS_EXTRAS
+
+
+def train_extras(model: VQAModel, extras: tuple[str, ...]) -> tuple[str, ...]:
+    """Unfreeze the named backbone extras; ``cls_token`` adds the learnable [CLS] replacement, started from the
+    embedding of ``model.cls_token_id``."""
+    backbone = model.backbone
+    parts = backbone.extra_modules()
+    for name in extras:
+        if name == "cls_token":
+            token = nn.Parameter(backbone.cls_token_init(model.cls_token_id).detach().clone())
+            model.extras["cls_token"] = token
+            backbone.set_cls_token(token)
+            continue
+        for module in parts[name]:
+            for p in module.parameters():
+                p.requires_grad_(True)
+    model.trained_extras = extras
+    return extras
 
 
 def count(module: nn.Module) -> int:

@@ -14,18 +14,6 @@ SiteChoice = Literal["all", "self", "cross"]
 ExtraName = Literal["pooler", "token_type", "cls_token"]
 AUTHORS_EXTRAS: tuple[str, ...] = ExtraName.__args__
 
-# Learning rates a method trains at unless told otherwise: (its own parameters, the task head); a head rate of
-# None means "the same as lr". The new MLP head learns from scratch and wants a larger step than the few
-# parameters a method adds to a pretrained backbone (as METER's lr_mult_head); a linear classifier alone, larger
-# still. Picked on the embedded default's validation split (README: "The embedded default").
-BASE_LR = 1e-3
-BASE_HEAD_LR = 3e-2
-DEFAULT_LR: dict[str, tuple[float, float | None]] = {"linear_probe": (3.0, None), "head_only": (BASE_HEAD_LR, None)}
-
-
-def default_lr(method: str) -> tuple[float, float | None]:
-    return DEFAULT_LR.get(method, (BASE_LR, BASE_HEAD_LR))
-
 
 class MethodSpec(BaseModel):
     """A method and its knobs. Bounds that depend on the backbone are checked when applied."""
@@ -46,6 +34,9 @@ class MethodSpec(BaseModel):
     project_queries: bool | None = Field(
         None, description="deep_prompt: also project the prompts through W_q (the APT authors' fused-qkv ViLT code "
         "does; their METER code does not); default: the backbone's released layout")
+    train_scale: bool | None = Field(
+        None, description="apt: train the output scale s (the authors' ViLT code does, their METER code keeps it "
+        "frozen at 1); default: the backbone's released layout")
     shared_kv: bool = Field(True, description="kv_prompt: one tensor serves as key and value prompts (E2VPT's default)")
     num_visual_prompts: int = Field(8, ge=0, description="kv_prompt: E2VPT visual prompts")
     deep_visual_prompts: bool = Field(True, description="kv_prompt: new visual prompts at every layer of the image encoder (E2VPT's default) instead of the input only")

@@ -258,9 +258,9 @@ class MeterBackbone(nn.Module):
     """
 
     family = "meter"
-    # The APT authors' released METER prompt code: prompts join the keys and values of cross-attention only,
-    # through W_k and W_v (no query projection).
-    method_layouts = {"deep_prompt": {"sites": "cross", "project_queries": False}}
+    # The APT authors' released METER code: deep prompts join the keys and values of cross-attention only,
+    # through W_k and W_v (no query projection); APT's output scale stays frozen.
+    method_layouts = {"deep_prompt": {"sites": "cross", "project_queries": False}, "apt": {"train_scale": False}}
     base_model_prefix = ""  # read by peft (LoRA) on models whose config has a model_type
 
     def __init__(self, config: MeterConfig) -> None:
@@ -282,6 +282,7 @@ class MeterBackbone(nn.Module):
             if name not in ("vision_encoder", "text_encoder"):
                 module.apply(self._init_fusion)
         self._image_prompts: tuple[nn.Parameter, ...] = ()  # a tuple, so the method (not the backbone) owns it
+        self._cls_token: tuple[nn.Parameter, ...] = ()  # likewise owned by the model's extras
 
     def _init_fusion(self, module: nn.Module) -> None:
         """BERT-style init of the fusion part (as METER initialises it)."""
@@ -370,6 +371,11 @@ class MeterBackbone(nn.Module):
         """The text encoder's vocabulary size."""
         return int(self.config.text_config["vocab_size"])
 
+    @property
+    def pad_token_id(self) -> int | None:
+        """The text encoder's padding id (RoBERTa: 1; it places position ids after it)."""
+        return self.config.text_config.get("pad_token_id")
+
     def analytic_macs(self, text_len: int, image_tokens: int, image_prompts: int = 0) -> int:
         """Closed-form multiply-adds of one forward pass (matmuls, attention and the patch convolution)."""
         c, v, t = self.config, self.config.vision_config, self.config.text_config
@@ -417,6 +423,30 @@ class MeterBackbone(nn.Module):
     @property
     def num_image_prompts(self) -> int:
         return self._image_prompts[0].shape[0] if self._image_prompts else 0
+
+    def extra_modules(self) -> dict[str, list[nn.Module]]:
+        """Backbone parts the APT authors train with every method: the two cross-modal poolers and the
+        modality (token-type) embeddings of the fusion."""
+        return {"pooler": [self.cross_modal_text_pooler, self.cross_modal_image_pooler], "token_type": [self.token_type_embeddings]}
+
+    @torch.no_grad()
+    def cls_token_init(self, token_id: int) -> torch.Tensor:
+        """The text encoder's input embedding of ``token_id`` (RoBERTa: ``<s>`` = 0), the start value of the
+        learnable replacement of the fused text stream's first token (the authors' ``token4classifier``). Mapped
+        through the text transform only when the text width differs from the fusion width."""
+        emb = self.text_encoder.embeddings
+        ids = torch.tensor([[token_id]], device=emb.word_embeddings.weight.device)
+        was = emb.training
+        emb.eval()
+        out = emb(input_ids=ids)
+        emb.train(was)
+        if out.shape[-1] != self.config.hidden_size:
+            out = self.cross_modal_text_transform(out)
+        return out[0, 0]
+
+    def set_cls_token(self, token: nn.Parameter | None) -> None:
+        """A learnable (hidden,) vector that replaces the first token of the text stream at the fusion input."""
+        self._cls_token = () if token is None else (token,)
 
     def set_image_prompts(self, prompts: nn.Parameter | None) -> None:
         """Learnable (p, vision width) tokens appended to the image tokens after the patch embedding."""
@@ -476,6 +506,8 @@ class MeterBackbone(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         x = self.cross_modal_text_transform(self.encode_text(input_ids, attention_mask))
         y = self.cross_modal_image_transform(self.encode_image(pixel_values))
+        if self._cls_token:
+            x = torch.cat([self._cls_token[0].to(x.dtype).expand(x.shape[0], 1, -1), x[:, 1:]], dim=1)
         zeros = torch.zeros(1, 1, dtype=torch.long, device=x.device)
         x = x + self.token_type_embeddings(zeros)
         y = y + self.token_type_embeddings(zeros + 1)

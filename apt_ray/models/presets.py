@@ -88,14 +88,18 @@ def _backbone_class(family: str) -> type[nn.Module]:
     return MeterBackbone
 
 
-def build_backbone(name: str, checkpoint: str | Path | None = None, vocab_size: int | None = None) -> nn.Module:
-    """A backbone from a preset, optionally loading weights.
+def build_backbone(
+    name: str, checkpoint: str | Path | None = None, vocab_size: int | None = None, config: PretrainedConfig | None = None
+) -> nn.Module:
+    """A backbone from a preset, optionally loading weights; ``config`` replaces the preset's shapes (random weights).
 
     ``checkpoint``: a transformers-format directory written by ``save_pretrained``,
     a hub id (needs internet), or for METER the official ``.ckpt``.
     """
     preset = get_preset(name)
     cls = _backbone_class(preset.family)
+    if config is not None:
+        return cls(config)
     if checkpoint is None:
         return cls(preset.make_config(vocab_size))
     ckpt = Path(checkpoint)

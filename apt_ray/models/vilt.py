@@ -55,7 +55,9 @@ class ViltBackbone(nn.Module):
             if not isinstance(layer.attention, ViltSiteAttention):
                 layer.attention = ViltSiteAttention(layer.attention, config.num_attention_heads, layer.layernorm_before)
         self._image_prompts: tuple[nn.Parameter, ...] = ()  # a tuple, so the method (not the backbone) owns it
+        self._cls_token: tuple[nn.Parameter, ...] = ()  # likewise owned by the model's extras
         self.vilt.embeddings.register_forward_hook(self._append_image_prompts)
+        self.vilt.embeddings.text_embeddings.register_forward_hook(self._replace_cls)
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | Path) -> "ViltBackbone":
@@ -92,6 +94,11 @@ class ViltBackbone(nn.Module):
         return self.config.vocab_size
 
     @property
+    def pad_token_id(self) -> int | None:
+        """The padding id the text embeddings were trained with (BERT: 0)."""
+        return getattr(self.config, "pad_token_id", None)
+
+    @property
     def input_prompt_dim(self) -> int:
         """Width of the tokens :meth:`set_image_prompts` appends."""
         return self.config.hidden_size
@@ -111,6 +118,34 @@ class ViltBackbone(nn.Module):
     def set_image_prompts(self, prompts: nn.Parameter | None) -> None:
         """Learnable tokens appended to the input sequence (E2VPT visual prompts)."""
         self._image_prompts = () if prompts is None else (prompts,)
+
+    def extra_modules(self) -> dict[str, list[nn.Module]]:
+        """Backbone parts the APT authors train with every method: the pooler, and the token-type embeddings
+        (the modality embedding and BERT's own text token-type embedding both match their name filter)."""
+        e = self.vilt.embeddings
+        return {"pooler": [self.vilt.pooler], "token_type": [e.token_type_embeddings, e.text_embeddings.token_type_embeddings]}
+
+    @torch.no_grad()
+    def cls_token_init(self, token_id: int) -> torch.Tensor:
+        """The text embedding of ``token_id`` at position 0 (word + position + type, LayerNorm): the start value
+        of the learnable [CLS] replacement, as the authors' ``token4classifier``."""
+        emb = self.vilt.embeddings.text_embeddings
+        ids = torch.tensor([[token_id]], device=emb.word_embeddings.weight.device)
+        was = emb.training
+        emb.eval()
+        out = emb(input_ids=ids)[0, 0]
+        emb.train(was)
+        return out
+
+    def set_cls_token(self, token: nn.Parameter | None) -> None:
+        """A learnable (hidden,) vector that replaces the first text token's embedding (None: no replacement)."""
+        self._cls_token = () if token is None else (token,)
+
+    def _replace_cls(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        if not self._cls_token:
+            return output
+        token = self._cls_token[0].to(output.dtype).expand(output.shape[0], 1, -1)
+        return torch.cat([token, output[:, 1:]], dim=1)
 
     def _append_image_prompts(self, module: nn.Module, args: tuple, output: tuple) -> tuple:
         if not self._image_prompts:

@@ -9,13 +9,19 @@ from apt_ray.models.heads import VQAHead
 
 
 class VQAModel(nn.Module):
-    """``backbone`` (ViLT or METER) + ``head``; ``method_modules`` holds a method's non-site parts."""
+    """``backbone`` (ViLT or METER) + ``head``; ``method_modules`` holds a method's non-site parts and ``extras``
+    the learnable backbone additions trained besides the method (the [CLS] replacement).
 
-    def __init__(self, backbone: nn.Module, num_answers: int) -> None:
+    ``cls_token_id``: the tokenizer's [CLS] / ``<s>`` id, the start value of that replacement.
+    """
+
+    def __init__(self, backbone: nn.Module, num_answers: int, cls_token_id: int = 0) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = VQAHead(backbone.pooled_size, 2 * backbone.hidden_size, num_answers)
         self.method_modules = nn.ModuleDict()
+        self.extras = nn.ParameterDict()
+        self.cls_token_id = cls_token_id
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.head(self.backbone(input_ids, attention_mask, pixel_values, pixel_mask))
@@ -23,7 +29,18 @@ class VQAModel(nn.Module):
     def head_parameters(self) -> list[nn.Parameter]:
         return list(self.head.parameters())
 
+    def trainable_groups(self, extras: tuple[str, ...] = ()) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters by group: ``head``, each of ``extras`` that holds any (``pooler``, ``token_type``:
+        the backbone's :meth:`extra_modules`; ``cls_token``: ``self.extras``) and ``method``: everything else,
+        what the method updates."""
+        named: dict[str, list[nn.Parameter]] = {"head": list(self.head.parameters())}
+        parts = {**self.backbone.extra_modules(), "cls_token": [self.extras]}
+        for name in extras:
+            named[name] = [p for m in parts[name] for p in m.parameters() if p.requires_grad]
+        taken = {id(p) for ps in named.values() for p in ps}
+        named["method"] = [p for p in self.parameters() if p.requires_grad and id(p) not in taken]
+        return {k: v for k, v in named.items() if v}
+
     def method_parameters(self) -> list[nn.Parameter]:
-        """Trainable parameters that are not the head's: what the method updates."""
-        head = {id(p) for p in self.head.parameters()}
-        return [p for p in self.parameters() if p.requires_grad and id(p) not in head]
+        """What the method updates: trainable parameters outside the head and the trained extras."""
+        return self.trainable_groups(getattr(self, "trained_extras", ())).get("method", [])

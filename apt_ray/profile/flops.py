@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
+from transformers import PretrainedConfig
 
 from apt_ray import methods
 from apt_ray.methods.spec import MethodSpec
@@ -66,6 +67,8 @@ class Profile:
     analytic_updated_params: int
     trainable_params: int
     head_params: int
+    trainable_groups: dict[str, int] = field(default_factory=dict)
+    layout: dict = field(default_factory=dict)
     per_site: list[dict] = field(default_factory=list)
     convention: str = "GMACs: one multiply-add = one FLOP (as the APT paper and fvcore)"
 
@@ -98,8 +101,12 @@ def profile(
     image_hw: tuple[int, int] | None = None,
     num_answers: int = VQAV2_ANSWERS,
     seed: int = 0,
+    config: PretrainedConfig | None = None,
 ) -> Profile:
-    """Build ``model`` (random weights: cost does not depend on them), count, apply ``method``, count again."""
+    """Build ``model`` (random weights: cost does not depend on them), count, apply ``method``, count again.
+
+    ``config``: the backbone config actually trained (a checkpoint's), when it differs from the preset's.
+    """
     preset = get_preset(model)
     text_len = text_len or preset.text_len
     image_hw = tuple(image_hw or preset.image_hw)
@@ -109,7 +116,7 @@ def profile(
     # ViLT's patch sampling is data-dependent, so it runs on the CPU.
     device = torch.device("meta") if preset.family == "meter" else torch.device("cpu")
     with device:
-        vqa = VQAModel(build_backbone(model), num_answers)
+        vqa = VQAModel(build_backbone(model, config=config), num_answers)
         backbone = vqa.backbone
         inputs = {k: v.to(device) for k, v in dummy_inputs(backbone.vocab_size, text_len, image_hw, seed).items()}
         base, base_modules = measure_macs(vqa, inputs)
@@ -131,8 +138,8 @@ def profile(
             "measured_gmacs": (total_modules.get(key, 0) - base_modules.get(key, 0)) / 1e9,
             "updated_params": applied.site_params(site),
         })
-    updated = sum(p.numel() for p in vqa.method_parameters())
-    head = sum(p.numel() for p in vqa.head_parameters())
+    groups = applied.group_sizes()
+    updated, head = groups.get("method", 0), groups.get("head", 0)
     # What the method adds to the backbone: the heads are left out (the linear probe swaps in a smaller one).
     head_key = f"{root}.head"
     additional = (total - total_modules.get(head_key, 0)) - (base - base_modules.get(head_key, 0))
@@ -142,6 +149,7 @@ def profile(
         layers=applied.layers, sites=len(applied.sites), text_len=text_len, image_hw=list(image_hw), stream_lengths=lengths,
         base_gmacs=base / 1e9, total_gmacs=total / 1e9, additional_gmacs=additional / 1e9,
         measured_additional_gmacs=additional / 1e9, analytic_additional_gmacs=sum(analytic.values()) / 1e9,
-        updated_params=updated, analytic_updated_params=applied.analytic_params(), trainable_params=updated + head,
-        head_params=head, per_site=per_site,
+        updated_params=updated, analytic_updated_params=applied.analytic_params(), trainable_params=sum(groups.values()),
+        head_params=head, trainable_groups=groups, per_site=per_site,
+        layout={k: getattr(applied.spec, k) for k in ("sites", "project_queries", "train_scale")} | {"train_extras": list(applied.extras)},
     )

@@ -1,7 +1,8 @@
 """``train_loop_per_worker(config)``: one trial, alone or as a Ray Train worker.
 
-Builds data, backbone, method and optimiser from a flat config; trains with
-AdamW (warmup + cosine), gradient clipping and bf16 autocast on GPU; evaluates
+Builds data (with the backbone's own tokenizer and image processor), backbone,
+method and optimiser from a flat config; trains with the recipe's AdamW groups,
+schedule, clipping and precision (autocast on GPU); evaluates
 the VQA score every epoch; checkpoints trainable parameters, optimiser,
 scheduler, RNG and data position; reports per-epoch metrics to its session.
 Nothing here imports Ray: the Ray session is loaded only when Ray runs the loop.
@@ -26,6 +27,7 @@ from tqdm.auto import tqdm
 from apt_ray import methods
 from apt_ray.config import TrainConfig, build_train_config
 from apt_ray.data.build import build_data
+from apt_ray.data.preprocess import describe_image_processor
 from apt_ray.data.metrics import vqa_score_sum
 from apt_ray.errors import UserError
 from apt_ray.models.heads import vqa_loss
@@ -33,11 +35,13 @@ from apt_ray.models.presets import build_backbone, get_preset
 from apt_ray.models.vqa import VQAModel
 from apt_ray.profile import profile
 from apt_ray.train.checkpoint import load_checkpoint, save_checkpoint
-from apt_ray.train.schedule import build_optimizer, cosine_with_warmup
+from apt_ray.train.recipes import get_recipe
+from apt_ray.train.schedule import build_optimizer, warmup_then_decay
 from apt_ray.train.session import LocalSession, Session
 
 log = logging.getLogger("apt_ray.train")
-BATCH_KEYS = ("input_ids", "attention_mask", "pixel_values")
+BATCH_KEYS = ("input_ids", "attention_mask", "pixel_values", "pixel_mask")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Diverged(RuntimeError):
@@ -68,6 +72,10 @@ def pick_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
+def _inputs(batch: dict[str, torch.Tensor]) -> list[torch.Tensor | None]:
+    return [batch.get(k) for k in BATCH_KEYS]
+
+
 def self_pretrained_backbone(cfg: TrainConfig) -> Path | None:
     """The cached self-pretrained tiny backbone this trial loads (built on first use), or None if it loads none."""
     if cfg.checkpoint or not cfg.pretrained or not cfg.model.startswith("tiny-"):
@@ -82,16 +90,42 @@ def self_pretrained_backbone(cfg: TrainConfig) -> Path | None:
     return ensure_pretrained(cfg.model, cfg.data_spec(), device=pick_device(cfg.device))
 
 
-def load_backbone(cfg: TrainConfig, vocab_size: int) -> nn.Module:
+def load_backbone(cfg: TrainConfig, vocab_size: int, pretrained: Path | None) -> nn.Module:
     """The backbone of a trial: a checkpoint, the self-pretrained tiny backbone, or random weights."""
     if cfg.checkpoint:
         return build_backbone(cfg.model, cfg.checkpoint, vocab_size)
-    pretrained = self_pretrained_backbone(cfg)
     if pretrained is not None:
         return build_backbone(cfg.model, pretrained, vocab_size)
     if cfg.pretrained:
         log.warning("%s has no checkpoint: training on random backbone weights (pass checkpoint=... for real runs)", get_preset(cfg.model).name)
     return build_backbone(cfg.model, None, vocab_size)
+
+
+def check_tokenizer(tokenizer: Any, backbone: nn.Module, cfg: TrainConfig) -> None:
+    """Refuse a tokenizer that does not fit the backbone's embedding table or pads with another id."""
+    source = cfg.tokenizer or cfg.checkpoint or "the tokenizer"
+    if len(tokenizer) > backbone.vocab_size:
+        raise UserError(
+            f"tokenizer '{source}' has {len(tokenizer)} ids but the backbone's embedding table has {backbone.vocab_size} rows: "
+            "ids past the table would crash training. Pass tokenizer=<the tokenizer the checkpoint was trained with> "
+            "(ViLT: bert-base-uncased, METER: roberta-base) or a checkpoint= that matches this tokenizer."
+        )
+    pad = backbone.pad_token_id
+    if pad is not None and tokenizer.pad_token_id != pad:
+        raise UserError(
+            f"tokenizer '{source}' pads with id {tokenizer.pad_token_id} but the backbone expects padding id {pad} "
+            "(RoBERTa places its position ids from it): pass tokenizer=<the tokenizer the checkpoint was trained with>."
+        )
+
+
+def profile_shape(cfg: TrainConfig, data_spec: Any) -> tuple[tuple[int, int], str]:
+    """The image shape a trial's profile counts, and what it stands for. Square images (the synthetic set, METER's
+    centre crop) are counted as they train; ViLT's real images vary per batch, so the preset's reference shape."""
+    size = data_spec.image_size
+    if data_spec.processor_family == "vilt" and cfg.data != "synthetic":
+        hw = get_preset(cfg.model).image_hw
+        return hw, f"ViLT images vary in shape per batch (shorter side {size}); the profile counts the preset's reference {hw[0]}x{hw[1]}"
+    return (size, size), f"{size}x{size}, as trained"
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -115,18 +149,29 @@ class Trainer:
         self.cfg, self.session, self.progress = cfg, session, progress
         seed_everything(cfg.seed)
         self.device = pick_device(cfg.device)
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else torch.autocast("cpu", enabled=False)
-        self.data = build_data(cfg.data_spec(session.world_size, session.rank))
+        dtype = AUTOCAST_DTYPES.get(cfg.precision) if self.device.type == "cuda" else None
+        self.autocast = torch.autocast("cuda", dtype=dtype) if dtype else torch.autocast("cpu", enabled=False)
+        self.scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+        pretrained = self_pretrained_backbone(cfg)
+        self.data = build_data(cfg.data_spec(session.world_size, session.rank, pretrained))
         spec = cfg.method_spec()
-        self.model = VQAModel(load_backbone(cfg, len(self.data.tokenizer)), self.data.num_answers)
+        tokenizer = self.data.tokenizer
+        backbone = load_backbone(cfg, len(tokenizer), pretrained)
+        check_tokenizer(tokenizer, backbone, cfg)
+        cls_id = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+        self.model = VQAModel(backbone, self.data.num_answers, cls_token_id=cls_id or 0)
         self.applied = methods.apply(self.model, spec)
         self.model.to(self.device)
         ds = self.data.spec
-        self.profile = profile(cfg.model, spec, text_len=ds.max_text_len, image_hw=(ds.image_size, ds.image_size), num_answers=self.data.num_answers)
-        self.optimizer = build_optimizer(self.model, self.model.head, cfg.lr, cfg.head_lr, cfg.weight_decay)
+        hw, self.profile_shape = profile_shape(cfg, ds)
+        self.profile = profile(cfg.model, spec, text_len=ds.max_text_len, image_hw=hw, num_answers=self.data.num_answers,
+                               config=backbone.config)
+        recipe = get_recipe(cfg.recipe)
+        self.optimizer = build_optimizer(self.model, self.applied.groups, cfg.group_lrs(), cfg.weight_decay, cfg.adam_betas,
+                                         recipe.decay_norm_and_bias)
         self.steps_per_epoch = len(self.data.train_loader)
         self.total_steps = cfg.epochs * self.steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * self.steps_per_epoch)
-        self.scheduler = cosine_with_warmup(self.optimizer, int(cfg.warmup_ratio * self.total_steps), self.total_steps)
+        self.scheduler = warmup_then_decay(self.optimizer, int(cfg.warmup_ratio * self.total_steps), self.total_steps, cfg.schedule)
         self.net: nn.Module = self.model
         if session.world_size > 1:
             self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -161,15 +206,24 @@ class Trainer:
     def _train_step(self, batch: dict[str, torch.Tensor]) -> float:
         batch = _to(batch, self.device)
         with self.autocast:
-            logits = self.net(*(batch[k] for k in BATCH_KEYS))
+            logits = self.net(*_inputs(batch))
         loss = vqa_loss(logits, batch["labels"])
         value = loss.item()
         if not math.isfinite(value):
             raise Diverged(self.global_step + 1, value)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.cfg.grad_clip)
-        self.optimizer.step()
+        if self.scaler is None:
+            loss.backward()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        if self.cfg.grad_clip:
+            nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.cfg.grad_clip)
+        if self.scaler is None:
+            self.optimizer.step()
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.scheduler.step()
         return value
 
@@ -189,7 +243,7 @@ class Trainer:
         for batch in self.data.val_loader:
             batch = _to(batch, self.device)
             with self.autocast:
-                logits = self.net(*(batch[k] for k in BATCH_KEYS))
+                logits = self.net(*_inputs(batch))
             s, n = vqa_score_sum(logits.float(), batch["labels"])
             total, count = total + s, count + n
         total, count = _all_sum([total, count], self.device)
@@ -265,6 +319,12 @@ class Trainer:
             self.session.report(self.history[-1])
         return self.result()
 
+    def preprocessing(self) -> dict[str, Any]:
+        """What the trial fed the model: tokenizer, image processing, recipe (logged with every run)."""
+        tok = self.data.tokenizer
+        return {"tokenizer": getattr(tok, "name_or_path", "") or type(tok).__name__, **describe_image_processor(self.data.image_processor),
+                "recipe": self.cfg.recipe, "lr_groups": {k: v for k, v in self.cfg.group_lrs().items() if k in self.applied.groups}}
+
     def result(self) -> dict[str, Any]:
         last = self.history[-1] if self.history else {}
         return {
@@ -277,6 +337,9 @@ class Trainer:
             "base_gmacs": self.profile.base_gmacs,
             "updated_params": self.profile.updated_params,
             "trainable_params": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
+            "trainable_groups": self.applied.group_sizes(),
+            "profile_shape": self.profile_shape,
+            **self.preprocessing(),
             "epochs": len(self.history), "global_step": self.global_step,
             "samples_per_s": statistics.fmean(h["samples_per_s"] for h in self.history) if self.history else 0.0,
             "step_time_ms": statistics.fmean(h["step_time_ms"] for h in self.history) if self.history else 0.0,

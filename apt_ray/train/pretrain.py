@@ -24,12 +24,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from apt_ray.data.build import build_caption_loader, ensure_synthetic, load_tokenizer
+from apt_ray.data.preprocess import load_image_processor
 from apt_ray.data.spec import DataSpec
 from apt_ray.errors import UserError
 from apt_ray.models.presets import build_backbone, get_preset
-from apt_ray.train.schedule import cosine_with_warmup
+from apt_ray.train.schedule import warmup_then_decay
 
-PRETRAIN_VERSION = 3  # 2: tiny-meter without dropout; 3: image-text contrast for two-stream backbones
+# 2: tiny-meter without dropout; 3: image-text contrast for two-stream backbones; 4: each family's own image
+# processor (tiny-meter: CLIP's mean/std), saved with the weights together with the tokenizer
+PRETRAIN_VERSION = 4
 DEFAULT_STEPS = 600
 MLM_PROB = 0.15
 ITC_TEMPERATURE = 0.07
@@ -90,7 +93,7 @@ def pretrain(model: str, spec: DataSpec, out_dir: str | Path, steps: int = DEFAU
     loader = build_caption_loader(spec, batch_size=batch_size, max_text_len=preset.text_len)
     params = list(backbone.parameters()) + list(heads.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    scheduler = cosine_with_warmup(optimizer, steps // 10, steps)
+    scheduler = warmup_then_decay(optimizer, steps // 10, steps, "cosine")
     generator = torch.Generator().manual_seed(seed)
     contrast = getattr(backbone, "unimodal_cls", None)  # two-stream backbones only
     backbone.train()
@@ -131,6 +134,8 @@ def pretrain(model: str, spec: DataSpec, out_dir: str | Path, steps: int = DEFAU
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     backbone.cpu().save_pretrained(tmp)
+    tokenizer.save_pretrained(str(tmp))  # the backbone's own preprocessing travels with it
+    load_image_processor(spec).save_pretrained(str(tmp))
     (tmp / "pretrain.json").write_text(json.dumps({"model": model, "steps": steps, "seed": seed, "batch_size": batch_size, "lr": lr,
                                                    "device": device.type,
                                                    "final_mlm_loss": mlm.item(), "final_itm_loss": itm.item(),
