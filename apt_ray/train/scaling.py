@@ -82,6 +82,7 @@ def loop_like_step(cfg: TrainConfig, batch: int) -> tuple[Any, Any]:
     import torch
 
     from apt_ray.profile.step_cost import Shapes, build_model, make_batch, training_step
+    from apt_ray.train.recipes import get_recipe
     from apt_ray.train.schedule import build_optimizer
 
     ds = cfg.data_spec()
@@ -89,11 +90,14 @@ def loop_like_step(cfg: TrainConfig, batch: int) -> tuple[Any, Any]:
     model = build_model(cfg.model, cfg.method_spec(), 32, device, cfg.seed)
     backward = training_step(model, make_batch(model.backbone.vocab_size, Shapes(batch, ds.max_text_len, (ds.image_size, ds.image_size), 32), device))
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(model, model.head, cfg.lr, cfg.head_lr, cfg.weight_decay)
+    groups = model.trainable_groups(model.trained_extras)
+    optimizer = build_optimizer(model, groups, cfg.group_lrs(), cfg.weight_decay, cfg.adam_betas,
+                                get_recipe(cfg.recipe).decay_norm_and_bias)
 
     def step() -> None:
         backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
 
     return model, step
