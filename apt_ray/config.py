@@ -113,6 +113,21 @@ class TrainConfig(BaseModel):
         rates = {g: self.lr * mult.get(g, 1.0) for g in ("method", "pooler", "token_type", "cls_token")}
         return {**rates, "head": self.head_lr}
 
+    @property
+    def text_len(self) -> int:
+        """Tokens per text: ``max_text_len``, else the preset's."""
+        return self.max_text_len or get_preset(self.model).text_len
+
+    def profile_shape(self) -> tuple[tuple[int, int], str]:
+        """The image shape a trial's cost profile counts, and what it stands for. Square images (the synthetic set,
+        METER's centre crop) are counted as they train; ViLT's real images vary per batch, so the preset's reference."""
+        preset = get_preset(self.model)
+        size = self.image_size or preset.image_hw[0]
+        if preset.family == "vilt" and self.data != "synthetic":
+            h, w = preset.image_hw
+            return (h, w), f"ViLT images vary in shape per batch (shorter side {size}); the profile counts the reference {h}x{w}"
+        return (size, size), f"{size}x{size}, as trained"
+
     def method_spec(self) -> MethodSpec:
         keys = [k for k in MethodSpec.model_fields if k != "name"]
         try:
@@ -133,7 +148,7 @@ class TrainConfig(BaseModel):
             kind=self.data, path=self.data_path, num_train=self.num_train_images, num_val=self.num_val_images,
             num_test=self.num_val_images, questions_per_image=self.questions_per_image,
             max_train_questions=self.max_train_questions, max_val_questions=self.max_val_questions,
-            image_size=self.image_size or preset.image_hw[0], max_text_len=self.max_text_len or preset.text_len,
+            image_size=self.image_size or preset.image_hw[0], max_text_len=self.text_len,
             answer_top_k=self.answer_top_k, batch_size=self.batch_size // world_size, num_workers=self.num_workers,
             seed=self.seed, world_size=world_size, rank=rank,
             tokenizer=resolve_tokenizer(preset.family, self.checkpoint, self.tokenizer, pretrained_dir),

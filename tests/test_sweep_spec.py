@@ -45,7 +45,7 @@ def test_single_objective_uses_asha(tmp_path: Path) -> None:
     assert spec.use_asha()
 
 
-@pytest.mark.parametrize("name", ["default_meter.yaml", "default_vilt.yaml", "paper_meter_vqav2.yaml"])
+@pytest.mark.parametrize("name", ["default_meter.yaml", "default_vilt.yaml", "paper_meter_vqav2.yaml", "paper_vilt_vqav2.yaml"])
 def test_shipped_study_configs_validate(name: str) -> None:
     spec = load_study_spec(STUDIES / name)
     assert spec.num_trials >= 1 and spec.space()
@@ -54,6 +54,18 @@ def test_shipped_study_configs_validate(name: str) -> None:
 def test_paper_config_bounds_follow_the_paper_model() -> None:
     spec = load_study_spec(STUDIES / "paper_meter_vqav2.yaml")
     assert spec.model == "meter-clip16-roberta" and spec.space()["depth"].high == 6
+
+
+@pytest.mark.parametrize(("name", "recipe", "lr", "head_lr", "batch"), [
+    ("paper_meter_vqav2.yaml", "apt-meter-vqa", 2.5e-5, 50 * 2.5e-5, 512),
+    ("paper_vilt_vqav2.yaml", "apt-vilt-vqa", 5e-4, 10 * 5e-4, 256),
+])
+def test_paper_configs_train_with_the_authors_recipe(name: str, recipe: str, lr: float, head_lr: float, batch: int) -> None:
+    """The paper studies take the authors' recipe, not the embedded default's rates: the head at the authors'
+    multiple of the base rate, their epochs, batch, schedule, betas and no clipping."""
+    cfg = load_study_spec(STUDIES / name).train_config({})
+    assert cfg.recipe == recipe and cfg.lr == pytest.approx(lr) and cfg.head_lr == pytest.approx(head_lr)
+    assert (cfg.epochs, cfg.batch_size, cfg.schedule, cfg.adam_betas, cfg.grad_clip) == (10, batch, "linear", (0.9, 0.98), 0)
 
 
 def test_overrides_are_dotted_and_win(tmp_path: Path) -> None:

@@ -132,6 +132,23 @@ def build_backbone(
 _MODEL_TYPES = {"vilt": "vilt", "meter": "apt_ray_meter"}
 
 
+def checkpoint_config(name: str, checkpoint: str | Path | None) -> PretrainedConfig | None:
+    """The backbone config a local checkpoint directory holds (None without one, or for a METER ``.ckpt``, whose
+    weights must match the preset's shapes to load): what a trial trains when it differs from the preset."""
+    if checkpoint is None:
+        return None
+    path = Path(checkpoint).expanduser()
+    if not (path / "config.json").is_file():
+        return None
+    family = get_preset(name).family
+    _check_model_type(path, family)
+    if family == "vilt":
+        return ViltConfig.from_pretrained(str(path))
+    from apt_ray.models.meter import MeterConfig
+
+    return MeterConfig.from_pretrained(str(path))
+
+
 def _check_model_type(directory: Path, family: str) -> None:
     """Refuse a checkpoint directory of another architecture before transformers half-loads it."""
     import json

@@ -20,8 +20,11 @@ if TYPE_CHECKING:
 
 def trial_cost(cfg: TrainConfig) -> Cost:
     """Closed-form cost of a trial config at the shapes its data will have (as the training loop profiles it)."""
-    ds = cfg.data_spec()
-    return closed_form_cost(cfg.model, cfg.method_spec(), ds.max_text_len, (ds.image_size, ds.image_size))
+    from apt_ray.models.presets import checkpoint_config
+
+    config = checkpoint_config(cfg.model, cfg.checkpoint)
+    return closed_form_cost(cfg.model, cfg.method_spec(), cfg.text_len, cfg.profile_shape()[0],
+                            None if config is None else config.to_json_string())
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,8 @@ search bounds and FLOPs budgets of paper-size models in a fraction of a second.
 
 from __future__ import annotations
 
+import json
+
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -44,19 +46,21 @@ class Cost:
     sites: int
 
 
-def closed_form_cost(model: str, spec: MethodSpec, text_len: int, image_hw: tuple[int, int]) -> Cost:
+def closed_form_cost(model: str, spec: MethodSpec, text_len: int, image_hw: tuple[int, int], config_json: str | None = None) -> Cost:
     """Additional GMACs and updated parameters from the methods' analytic formulas (the same
-    formulas ``apt_ray.profile`` reports as ``analytic_*``), on a weightless model."""
-    return _cost(model, spec.model_dump_json(), text_len, (int(image_hw[0]), int(image_hw[1])))
+    formulas ``apt_ray.profile`` reports as ``analytic_*``), on a weightless model; ``config_json``: a
+    checkpoint's backbone config when it differs from the preset's."""
+    return _cost(model, spec.model_dump_json(), text_len, (int(image_hw[0]), int(image_hw[1])), config_json)
 
 
 @lru_cache(maxsize=4096)
-def _cost(model: str, spec_json: str, text_len: int, image_hw: tuple[int, int]) -> Cost:
+def _cost(model: str, spec_json: str, text_len: int, image_hw: tuple[int, int], config_json: str | None) -> Cost:
     spec = MethodSpec.model_validate_json(spec_json)
     preset = get_preset(model)
     image_tokens = (image_hw[0] // preset.patch_size) * (image_hw[1] // preset.patch_size) + 1
+    config = None if config_json is None else type(preset.make_config(None)).from_dict(json.loads(config_json))
     with torch.device("meta"):
-        vqa = VQAModel(build_backbone(model), 2)
+        vqa = VQAModel(build_backbone(model, config=config), 2)
         applied = methods.apply(vqa, spec)
     lengths = vqa.backbone.stream_lengths(text_len, image_tokens)
     macs = sum(applied.analytic_breakdown(text_len, image_tokens, lengths).values())

@@ -114,7 +114,8 @@ class StudySpec(BaseModel):
 
     @property
     def epochs(self) -> int:
-        return int(self.fixed.get("epochs", TrainConfig.model_fields["epochs"].default))
+        """Epochs of every trial: ``fixed.epochs``, else its recipe's."""
+        return int(self.train_config({}).epochs)
 
 
 # -- loading -------------------------------------------------------------------

@@ -119,6 +119,15 @@ def trial_params(cfg: TrainConfig, ctx: SweepContext) -> dict[str, Any]:
     return {**{k: v for k, v in cfg.model_dump().items() if v is not None}, **ctx.resource_params()}
 
 
+# What a trial reports it actually used (its tokenizer, image processing, recipe and trainable groups).
+USED_KEYS = ("tokenizer", "image_processor", "image_mean", "image_std", "image_size", "recipe", "trainable_groups", "lr_groups", "profile_shape")
+
+
+def used_params(final: dict[str, Any], logged: dict[str, Any]) -> dict[str, Any]:
+    """The trial's used settings as params, leaving out keys already logged (MLflow params never change)."""
+    return {k: final[k] for k in USED_KEYS if k in final and k not in logged}
+
+
 def measure_profile(cfg: TrainConfig) -> dict[str, Any]:
     """The trial's FLOPs profile at its input shapes (``apt_ray.profile``), as a JSON-ready dict."""
     import torch
@@ -126,9 +135,10 @@ def measure_profile(cfg: TrainConfig) -> dict[str, Any]:
     from apt_ray.profile import profile
 
     torch.set_num_threads(1)  # the trial process holds a sliver of a CPU; the workers have the real ones
-    ds = cfg.data_spec()
-    prof = profile(cfg.model, cfg.method_spec(), text_len=ds.max_text_len, image_hw=(ds.image_size, ds.image_size),
-                   num_answers=cfg.answer_top_k)
+    from apt_ray.models.presets import checkpoint_config
+
+    prof = profile(cfg.model, cfg.method_spec(), text_len=cfg.text_len, image_hw=cfg.profile_shape()[0],
+                   num_answers=cfg.answer_top_k, config=checkpoint_config(cfg.model, cfg.checkpoint))
     data = prof.to_dict()
     data["num_answers_assumed"] = cfg.answer_top_k  # the head width counted in base_gmacs (additional_* do not depend on it)
     return data
@@ -238,6 +248,7 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
     final = result.return_value if isinstance(result.return_value, dict) else {}
     _best_effort(lambda: sync_history(tracker, run_id, final.get("history", [])))
     _best_effort(lambda: tracker.log_metrics(run_id, run_facts(final, t_fit), step=0))
+    _best_effort(lambda: tracker.log_params(run_id, used_params(final, trial_params(cfg, ctx))))
     tracker.set_tags(run_id, {STATUS_TAG: "finished"})
     tracker.finish(run_id, "FINISHED")
     tracker.close(spill)

@@ -118,16 +118,6 @@ def check_tokenizer(tokenizer: Any, backbone: nn.Module, cfg: TrainConfig) -> No
         )
 
 
-def profile_shape(cfg: TrainConfig, data_spec: Any) -> tuple[tuple[int, int], str]:
-    """The image shape a trial's profile counts, and what it stands for. Square images (the synthetic set, METER's
-    centre crop) are counted as they train; ViLT's real images vary per batch, so the preset's reference shape."""
-    size = data_spec.image_size
-    if data_spec.processor_family == "vilt" and cfg.data != "synthetic":
-        hw = get_preset(cfg.model).image_hw
-        return hw, f"ViLT images vary in shape per batch (shorter side {size}); the profile counts the preset's reference {hw[0]}x{hw[1]}"
-    return (size, size), f"{size}x{size}, as trained"
-
-
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -163,7 +153,7 @@ class Trainer:
         self.applied = methods.apply(self.model, spec)
         self.model.to(self.device)
         ds = self.data.spec
-        hw, self.profile_shape = profile_shape(cfg, ds)
+        hw, self.profile_shape = cfg.profile_shape()
         self.profile = profile(cfg.model, spec, text_len=ds.max_text_len, image_hw=hw, num_answers=self.data.num_answers,
                                config=backbone.config)
         recipe = get_recipe(cfg.recipe)
