@@ -109,9 +109,8 @@ class TrainConfig(BaseModel):
 
     def group_lrs(self) -> dict[str, float]:
         """Learning rate of each trainable group: the head at ``head_lr``, the others at ``lr`` x the recipe's multiplier."""
-        mult = get_recipe(self.recipe).lr_mult
-        rates = {g: self.lr * mult.get(g, 1.0) for g in ("method", "pooler", "token_type", "cls_token")}
-        return {**rates, "head": self.head_lr}
+        mult = get_recipe(self.recipe).multipliers(self.method)
+        return {**{g: self.lr * m for g, m in mult.items()}, "head": self.head_lr}
 
     @property
     def text_len(self) -> int:

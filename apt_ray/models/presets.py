@@ -23,7 +23,7 @@ class Preset:
     text_len: int
     image_hw: tuple[int, int]
     patch_size: int
-    make_config: Callable[[int | None], PretrainedConfig]
+    make_config: Callable[[int | None, int | None], PretrainedConfig]  # (vocab_size, pad_token_id)
     description: str
 
     @property
@@ -33,7 +33,7 @@ class Preset:
         return (h // self.patch_size) * (w // self.patch_size) + 1
 
 
-def _vilt_b32(vocab_size: int | None) -> ViltConfig:
+def _vilt_b32(vocab_size: int | None, pad_token_id: int | None = None) -> ViltConfig:
     # 40 text tokens; a 320x640 image at patch 32 gives exactly the paper's 200 patches.
     return ViltConfig(
         vocab_size=vocab_size or 30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
@@ -41,7 +41,7 @@ def _vilt_b32(vocab_size: int | None) -> ViltConfig:
     )
 
 
-def _tiny_vilt(vocab_size: int | None) -> ViltConfig:
+def _tiny_vilt(vocab_size: int | None, pad_token_id: int | None = None) -> ViltConfig:
     return ViltConfig(
         vocab_size=vocab_size or TINY_VOCAB, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
         intermediate_size=256, image_size=64, patch_size=8, max_position_embeddings=24, max_image_length=-1,
@@ -49,16 +49,16 @@ def _tiny_vilt(vocab_size: int | None) -> ViltConfig:
     )
 
 
-def _meter_paper(vocab_size: int | None) -> PretrainedConfig:
+def _meter_paper(vocab_size: int | None, pad_token_id: int | None = None) -> PretrainedConfig:
     from apt_ray.models.meter import meter_clip16_roberta_config
 
     return meter_clip16_roberta_config()
 
 
-def _tiny_meter(vocab_size: int | None) -> PretrainedConfig:
+def _tiny_meter(vocab_size: int | None, pad_token_id: int | None = None) -> PretrainedConfig:
     from apt_ray.models.meter import tiny_meter_config
 
-    return tiny_meter_config(vocab_size=vocab_size or TINY_VOCAB)
+    return tiny_meter_config(vocab_size=vocab_size or TINY_VOCAB, pad_token_id=pad_token_id or 0)
 
 
 PRESETS: dict[str, Preset] = {
@@ -89,9 +89,15 @@ def _backbone_class(family: str) -> type[nn.Module]:
 
 
 def build_backbone(
-    name: str, checkpoint: str | Path | None = None, vocab_size: int | None = None, config: PretrainedConfig | None = None
+    name: str,
+    checkpoint: str | Path | None = None,
+    vocab_size: int | None = None,
+    config: PretrainedConfig | None = None,
+    pad_token_id: int | None = None,
 ) -> nn.Module:
     """A backbone from a preset, optionally loading weights; ``config`` replaces the preset's shapes (random weights).
+
+    ``vocab_size`` / ``pad_token_id``: the tokenizer's, for presets whose text side is sized by it (the tiny ones).
 
     ``checkpoint``: a transformers-format directory written by ``save_pretrained``,
     a hub id (needs internet), or for METER the official ``.ckpt``.
@@ -101,12 +107,12 @@ def build_backbone(
     if config is not None:
         return cls(config)
     if checkpoint is None:
-        return cls(preset.make_config(vocab_size))
+        return cls(preset.make_config(vocab_size, pad_token_id))
     ckpt = Path(checkpoint)
     if preset.family == "meter" and ckpt.suffix == ".ckpt":
         from apt_ray.models.meter_convert import load_meter_checkpoint
 
-        model = cls(preset.make_config(vocab_size))
+        model = cls(preset.make_config(vocab_size, pad_token_id))
         load_meter_checkpoint(model, ckpt)
         return model
     looks_local = ckpt.exists() or str(checkpoint).startswith((".", "/", "~")) or str(checkpoint).count("/") != 1

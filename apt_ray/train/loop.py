@@ -90,15 +90,17 @@ def self_pretrained_backbone(cfg: TrainConfig) -> Path | None:
     return ensure_pretrained(cfg.model, cfg.data_spec(), device=pick_device(cfg.device))
 
 
-def load_backbone(cfg: TrainConfig, vocab_size: int, pretrained: Path | None) -> nn.Module:
-    """The backbone of a trial: a checkpoint, the self-pretrained tiny backbone, or random weights."""
+def load_backbone(cfg: TrainConfig, tokenizer: Any, pretrained: Path | None) -> nn.Module:
+    """The backbone of a trial: a checkpoint, the self-pretrained tiny backbone, or random weights (a tiny preset's
+    text side sized to ``tokenizer``)."""
+    sizing = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id}
     if cfg.checkpoint:
-        return build_backbone(cfg.model, cfg.checkpoint, vocab_size)
+        return build_backbone(cfg.model, cfg.checkpoint, **sizing)
     if pretrained is not None:
-        return build_backbone(cfg.model, pretrained, vocab_size)
+        return build_backbone(cfg.model, pretrained, **sizing)
     if cfg.pretrained:
         log.warning("%s has no checkpoint: training on random backbone weights (pass checkpoint=... for real runs)", get_preset(cfg.model).name)
-    return build_backbone(cfg.model, None, vocab_size)
+    return build_backbone(cfg.model, None, **sizing)
 
 
 def check_tokenizer(tokenizer: Any, backbone: nn.Module, cfg: TrainConfig) -> None:
@@ -146,7 +148,7 @@ class Trainer:
         self.data = build_data(cfg.data_spec(session.world_size, session.rank, pretrained))
         spec = cfg.method_spec()
         tokenizer = self.data.tokenizer
-        backbone = load_backbone(cfg, len(tokenizer), pretrained)
+        backbone = load_backbone(cfg, tokenizer, pretrained)
         check_tokenizer(tokenizer, backbone, cfg)
         cls_id = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
         self.model = VQAModel(backbone, self.data.num_answers, cls_token_id=cls_id or 0)

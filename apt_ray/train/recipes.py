@@ -28,6 +28,7 @@ class Recipe(BaseModel):
     lr: float = Field(gt=0, description="base learning rate")
     method_lr: dict[str, float] = Field(default_factory=dict, description="base rate per method, where it differs")
     lr_mult: dict[GroupName, float] = Field(default_factory=dict, description="rate of a group = lr x its multiplier (default 1)")
+    method_lr_mult: dict[str, dict[GroupName, float]] = Field(default_factory=dict, description="per-method changes to lr_mult")
     head_lr: dict[str, float] = Field(default_factory=dict, description="absolute head rate per method ('*': every method); else lr x head multiplier")
     schedule: Literal["linear", "cosine"]
     warmup_ratio: float = Field(ge=0, lt=1)
@@ -42,10 +43,15 @@ class Recipe(BaseModel):
     def base_lr(self, method: str) -> float:
         return self.method_lr.get(method, self.lr)
 
+    def multipliers(self, method: str) -> dict[str, float]:
+        """Each group's multiplier of the base rate for ``method`` (1 where the recipe says nothing)."""
+        mult = {**self.lr_mult, **self.method_lr_mult.get(method, {})}
+        return {g: mult.get(g, 1.0) for g in GroupName.__args__}
+
     def head_rate(self, method: str, lr: float) -> float:
         """The head's rate for ``method`` when the trial's base rate is ``lr``."""
         absolute = self.head_lr.get(method, self.head_lr.get("*"))
-        return absolute if absolute is not None else lr * self.lr_mult.get("head", 1.0)
+        return absolute if absolute is not None else lr * self.multipliers(method)["head"]
 
 
 RECIPES: dict[str, Recipe] = {
@@ -69,9 +75,11 @@ RECIPES: dict[str, Recipe] = {
         ),
         Recipe(
             name="apt-meter-vqa",
-            description="APT authors, METER on VQAv2: base lr 2.5e-5, cross-modal parts (the method, poolers) x5, head x50, "
-            "AdamW (0.9, 0.98), linear warm-up 10% and decay, no clipping, 10 epochs, batch 512, fp32",
+            description="APT authors, METER on VQAv2: base lr 2.5e-5, cross-modal parts (a method inside the fusion layers, "
+            "the poolers) x5, head x50, AdamW (0.9, 0.98), linear warm-up 10% and decay, no clipping, 10 epochs, batch 512, fp32",
             lr=2.5e-5, lr_mult={"method": 5.0, "pooler": 5.0, "head": 50.0},
+            # their deep prompts are a top-level tensor, outside the cross-modal modules: base rate
+            method_lr_mult={"deep_prompt": {"method": 1.0}},
             schedule="linear", warmup_ratio=0.1, weight_decay=0.01, decay_norm_and_bias=False, betas=(0.9, 0.98),
             grad_clip=0.0, epochs=10, batch_size=512, precision="fp32",
         ),
