@@ -63,7 +63,7 @@ class TrainConfig(BaseModel):
     max_train_questions: int | None = Field(None, gt=0)
     max_val_questions: int | None = Field(None, gt=0)
     max_text_len: int | None = Field(None, ge=3, description="default: the preset's text length")
-    image_size: int | None = Field(None, ge=8, description="default: the preset's image size (ViLT: the shorter side)")
+    image_size: int | None = Field(None, ge=8, description="what the image processor resizes to (ViLT: the shorter side; METER: the crop); default: the preset's")
     answer_top_k: int = Field(3129, gt=0)
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
     # optimisation (unset: the recipe's)
@@ -121,7 +121,7 @@ class TrainConfig(BaseModel):
         """The image shape a trial's cost profile counts, and what it stands for. Square images (the synthetic set,
         METER's centre crop) are counted as they train; ViLT's real images vary per batch, so the preset's reference."""
         preset = get_preset(self.model)
-        size = self.image_size or preset.image_hw[0]
+        size = self.image_size or preset.image_size
         if preset.family == "vilt" and self.data != "synthetic":
             h, w = preset.image_hw
             return (h, w), f"ViLT images vary in shape per batch (shorter side {size}); the profile counts the reference {h}x{w}"
@@ -147,7 +147,7 @@ class TrainConfig(BaseModel):
             kind=self.data, path=self.data_path, num_train=self.num_train_images, num_val=self.num_val_images,
             num_test=self.num_val_images, questions_per_image=self.questions_per_image,
             max_train_questions=self.max_train_questions, max_val_questions=self.max_val_questions,
-            image_size=self.image_size or preset.image_hw[0], max_text_len=self.text_len,
+            image_size=self.image_size or preset.image_size, max_text_len=self.text_len,
             answer_top_k=self.answer_top_k, batch_size=self.batch_size // world_size, num_workers=self.num_workers,
             seed=self.seed, world_size=world_size, rank=rank,
             tokenizer=resolve_tokenizer(preset.family, self.checkpoint, self.tokenizer, pretrained_dir),

@@ -271,7 +271,8 @@ def test_arrow_and_hf_readers_agree(tmp_path: Path) -> None:
             assert soft_targets(a["answers"]) == pytest.approx(soft_targets(h["answers"]))
     assert hf[0]["answers"].count("green") == 6  # raw votes kept, normalised ("Blue" -> "blue")
 
-    bundles = [build_data(DataSpec(kind=kind, path=str(path), image_size=16, max_text_len=8, batch_size=4))
+    bundles = [build_data(DataSpec(kind=kind, path=str(path), image_size=16, patch_size=8, max_text_len=8,
+                                    batch_size=4))
                for kind, path in (("vqav2_arrow", arrow_dir), ("hf", hf_dir))]
     assert bundles[0].answers == bundles[1].answers
     assert bundles[0].majority_baseline == pytest.approx(bundles[1].majority_baseline)
@@ -288,7 +289,7 @@ def test_worker_processes_give_the_same_batches(tmp_path: Path) -> None:
     arrow_dir, _ = _write_both_layouts(tmp_path)
     runs = []
     for workers in (0, 2):
-        bundle = build_data(DataSpec(kind="vqav2_arrow", path=str(arrow_dir), image_size=16, batch_size=2,
+        bundle = build_data(DataSpec(kind="vqav2_arrow", path=str(arrow_dir), image_size=16, patch_size=8, batch_size=2,
                                      num_workers=workers))
         runs.append([b for b in bundle.train_loader])
         assert bundle.stats["train"].pass_examples == 7
@@ -344,13 +345,18 @@ def _examples(n: int, bad: set[int] = frozenset(), question: str = "what color i
 
 def test_collate_shapes_truncation_and_bad_images_counted() -> None:
     tok = build_wordlevel_tokenizer(["what color is it the big red thing over there ?"])
-    collate = VQACollator(tok, ["red", "blue"], image_size=12, max_text_len=7, mean=(0.5,) * 3, std=(0.25,) * 3)
+    from transformers.models.vilt.image_processing_pil_vilt import ViltImageProcessorPil
+
+    processor = ViltImageProcessorPil(size={"shortest_edge": 12}, size_divisor=4, image_mean=[0.5] * 3,
+                                      image_std=[0.25] * 3)
+    collate = VQACollator(tok, ["red", "blue"], image_processor=processor, max_text_len=7)
     examples = _examples(3, question="what color is it?") + _examples(2, bad={1}, question="what color is the big red thing?")
     batch, counts = collate(examples)
     assert (counts.examples, counts.undecodable_images, counts.truncated_texts) == (5, 1, 1)
     assert batch["input_ids"].shape == batch["attention_mask"].shape == (4, 7)
     assert batch["input_ids"].dtype == batch["attention_mask"].dtype == torch.long
     assert batch["pixel_values"].shape == (4, 3, 12, 12) and batch["pixel_values"].dtype == torch.float32
+    assert batch["pixel_mask"].shape == (4, 12, 12) and batch["pixel_mask"].dtype == torch.long
     assert batch["labels"].tolist()[0] == pytest.approx([1.0, 1 / 3])
     assert batch["question_id"].tolist() == [0, 1, 2, 0]
     assert tok.convert_ids_to_tokens(batch["input_ids"][3].tolist())[-1] == "[SEP]"
@@ -372,7 +378,7 @@ def test_loader_skips_bad_images_and_raises_above_threshold(tmp_path: Path, capl
         DatasetDict({"train": ds, "val": ds}).save_to_disk(str(tmp_path / name))
         return tmp_path / name
 
-    spec = dict(kind="hf", image_size=8, max_text_len=6, batch_size=8)
+    spec = dict(kind="hf", image_size=8, patch_size=8, max_text_len=6, batch_size=8)
     bundle = build_data(DataSpec(path=str(write("one_bad", {7})), **spec))
     with caplog.at_level(logging.WARNING, logger="apt_ray.data"):
         seen = sum(b["labels"].shape[0] for b in bundle.val_loader)
@@ -390,13 +396,14 @@ def test_loader_skips_bad_images_and_raises_above_threshold(tmp_path: Path, capl
 # ---------------------------------------------------------------- build_data on the synthetic set
 
 def test_build_data_synthetic_end_to_end(tiny_synthetic: Path) -> None:
-    spec = DataSpec(path=str(tiny_synthetic), image_size=24, max_text_len=16, batch_size=5, seed=7)
+    spec = DataSpec(path=str(tiny_synthetic), image_size=24, patch_size=8, max_text_len=16, batch_size=5, seed=7)
     bundle = build_data(spec)
     assert bundle.answers and bundle.num_answers == len(bundle.answers) <= len(qa.ALL_ANSWERS)
     assert 0 < bundle.majority_baseline < 30
     batch = next(iter(bundle.train_loader))
-    assert set(batch) == {"input_ids", "attention_mask", "pixel_values", "labels", "question_id"}
+    assert set(batch) == {"input_ids", "attention_mask", "pixel_values", "pixel_mask", "labels", "question_id"}
     assert batch["pixel_values"].shape == (5, 3, 24, 24)
+    assert batch["pixel_mask"].dtype == torch.long and bool((batch["pixel_mask"] == 1).all())  # nothing padded
     assert batch["labels"].shape == (5, bundle.num_answers)
     assert (batch["input_ids"][:, 0] == bundle.tokenizer.cls_token_id).all()
     assert (batch["labels"].max(dim=1).values == 1.0).all()
@@ -418,15 +425,16 @@ def test_build_data_synthetic_end_to_end(tiny_synthetic: Path) -> None:
 
 def test_build_data_generates_into_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("APT_RAY_CACHE", str(tmp_path / "cache"))
-    spec = DataSpec(num_train=6, num_val=3, num_test=0, image_size=24, batch_size=4, max_val_questions=5)
+    spec = DataSpec(num_train=6, num_val=3, num_test=0, image_size=24, patch_size=8, batch_size=4,
+                    max_val_questions=5)
     bundle = build_data(spec)
     assert is_complete(Path(bundle.location)) and Path(bundle.location).is_relative_to(tmp_path / "cache")
     assert bundle.stats["val"].questions == 5
     captions = build_caption_loader(spec, batch_size=3)
     assert len(captions.dataset) == 6  # one pair per image
     batch = next(iter(captions))
-    assert set(batch) == {"input_ids", "attention_mask", "pixel_values"}
-    assert batch["pixel_values"].shape == (3, 3, 24, 24)
+    assert set(batch) == {"input_ids", "attention_mask", "pixel_values", "pixel_mask"}
+    assert batch["pixel_values"].shape == (3, 3, 24, 24) and batch["pixel_mask"].shape == (3, 24, 24)
 
 
 def test_data_spec_validation() -> None:
@@ -438,4 +446,10 @@ def test_data_spec_validation() -> None:
         DataSpec(rank=2, world_size=2)
     with pytest.raises(ValidationError):
         DataSpec(unknown_field=1)
+    with pytest.raises(ValidationError, match="patch_size"):
+        DataSpec(image_size=16, patch_size=32)  # ViLT would round every side down to 0
+    with pytest.raises(ValidationError):
+        DataSpec(processor_family="clip")
+    with pytest.raises(ValidationError):
+        DataSpec(mean=(0.5, 0.5, 0.5))  # normalisation belongs to the image processor now
     assert json.loads(DataSpec().model_dump_json())["kind"] == "synthetic"

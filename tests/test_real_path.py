@@ -76,7 +76,7 @@ def bert_tokenizer(folder: Path):
                            special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
     folder.mkdir(parents=True, exist_ok=True)
     wp.save_model(str(folder))
-    tok = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+    tok = BertTokenizerFast(vocab=str(folder / "vocab.txt"), do_lower_case=True)
     tok.save_pretrained(str(folder))
     return tok
 
@@ -140,13 +140,14 @@ class Spy:
         forward, build = VQAModel.forward, loop.build_optimizer
 
         def spy_forward(model, input_ids, attention_mask, pixel_values, pixel_mask=None):  # noqa: ANN001
-            self.model = model
-            self.calls.append({"input_ids": input_ids.clone(), "attention_mask": attention_mask.clone(), "pixel_values": pixel_values.clone(),
-                               "pixel_mask": None if pixel_mask is None else pixel_mask.clone()})
+            if model is self.model:  # the trial's model (not the cost profile's copy)
+                self.calls.append({"input_ids": input_ids.clone(), "attention_mask": attention_mask.clone(),
+                                   "pixel_values": pixel_values.clone(), "pixel_mask": None if pixel_mask is None else pixel_mask.clone()})
             return forward(model, input_ids, attention_mask, pixel_values, pixel_mask)
 
-        def spy_build(*args, **kwargs):  # noqa: ANN002, ANN003
-            self.optimizer = build(*args, **kwargs)
+        def spy_build(model, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+            self.model = model
+            self.optimizer = build(model, *args, **kwargs)
             return self.optimizer
 
         monkeypatch.setattr(VQAModel, "forward", spy_forward)
@@ -267,14 +268,14 @@ def test_meter_ckpt_gets_roberta_ids_positions_and_clip_pixels(artefacts: dict[s
     from transformers import CLIPImageProcessor
 
     spy = Spy(monkeypatch)
-    positions: list[torch.Tensor] = []
+    positions: list[tuple[object, torch.Tensor]] = []  # (backbone, position ids it embedded)
     import apt_ray.models.meter as meter
 
     init = meter.MeterBackbone.__init__
 
     def init_and_hook(self, config):  # noqa: ANN001
         init(self, config)
-        self.text_encoder.embeddings.position_embeddings.register_forward_hook(lambda m, a, o: positions.append(a[0].clone()))
+        self.text_encoder.embeddings.position_embeddings.register_forward_hook(lambda m, a, o: positions.append((self, a[0].clone())))
 
     monkeypatch.setattr(meter.MeterBackbone, "__init__", init_and_hook)
     code, result, err = train(meter_args(artefacts), tmp_path, capsys)
@@ -286,7 +287,7 @@ def test_meter_ckpt_gets_roberta_ids_positions_and_clip_pixels(artefacts: dict[s
     last = mask.sum(1) - 1
     assert (ids[torch.arange(len(ids)), last] == 2).all()
     # position ids skip padding: 2, 3, ... for real tokens, the pad id (1) for padding
-    pos = torch.cat(positions[: len(spy.calls)])
+    pos = torch.cat([p for backbone, p in positions if backbone is spy.model.backbone and p.shape[1] == ids.shape[1]][: len(spy.calls)])
     expected = torch.where(mask.bool(), torch.cumsum(mask, 1) + 1, torch.ones_like(mask))
     assert torch.equal(pos, expected)
     # pixels: CLIP's own processor at 64 (resize the shorter side, centre crop, CLIP mean/std)

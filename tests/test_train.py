@@ -10,6 +10,7 @@ import torch
 
 from apt_ray.cli import main
 from apt_ray.config import build_train_config
+from apt_ray.errors import UserError
 from apt_ray.train.checkpoint import HEAD_WEIGHTS, METHOD_WEIGHTS, method_size_bytes
 from apt_ray.train.loop import Trainer, train_loop_per_worker
 from apt_ray.train.session import LocalSession, latest_checkpoint
@@ -104,7 +105,9 @@ def test_method_only_checkpoint_is_small(tmp_path):
     from safetensors.torch import load_file
 
     method, head = set(load_file(str(ckpt / METHOD_WEIGHTS))), set(load_file(str(ckpt / HEAD_WEIGHTS)))
-    assert method and all("site_methods" in n for n in method)  # APT's per-site parameters, no backbone weight
+    # APT's per-site parameters and the authors' trained extras (poolers, token types, learnable [CLS]); no other backbone weight
+    assert any("site_methods" in n for n in method)
+    assert all(any(k in n for k in ("site_methods", "pooler.", "token_type_embeddings", "extras.cls_token")) for n in method), method
     assert head and all(n.startswith("head.") for n in head)
 
 
@@ -201,48 +204,58 @@ def test_interrupted_pretraining_leaves_no_cache_entry(tmp_path, monkeypatch):
     assert built == target and (target / "pretrain.json").is_file() and (target / "config.json").is_file()
 
 
-def test_learning_rate_defaults_to_the_methods_own():
-    """Each method trains at its own default rates: the new head faster than what a method adds to the backbone, a
-    lone linear classifier faster still. An lr the user gives always wins; the resolved values are what is recorded."""
-    from apt_ray.methods.spec import BASE_HEAD_LR, BASE_LR
-
+def test_learning_rates_come_from_the_recipe():
+    """The embedded recipe: what a method adds at 1e-3, the new MLP head at 3e-2, a lone linear classifier at 3.
+    An lr the user gives always wins; the resolved values are what is recorded."""
     probe = build_train_config(overrides={"method": "linear_probe"})
-    assert probe.lr == probe.head_lr > BASE_HEAD_LR > BASE_LR
-    head_only = build_train_config(overrides={"method": "head_only"})
-    assert head_only.lr == head_only.head_lr == BASE_HEAD_LR
-    for method in ("apt", "full", "lora"):
+    assert probe.head_lr == 3.0
+    for method in ("apt", "full", "lora", "head_only"):
         cfg = build_train_config(overrides={"method": method})
-        assert (cfg.lr, cfg.head_lr) == (BASE_LR, BASE_HEAD_LR)
-        assert build_train_config(overrides={"method": method, "lr": 5e-4}).head_lr == BASE_HEAD_LR
-    assert build_train_config(overrides={"method": "linear_probe", "lr": 3e-4}).head_lr == 3e-4
-    assert build_train_config(overrides={"method": "apt", "head_lr": 3e-2}).lr == BASE_LR
+        assert (cfg.lr, cfg.head_lr) == (1e-3, 3e-2)
+        assert build_train_config(overrides={"method": method, "lr": 5e-4}).head_lr == 3e-2  # an absolute head rate
+    assert build_train_config(overrides={"method": "apt", "head_lr": 1e-2}).lr == 1e-3
+    # the authors' recipes scale the head (and METER's cross-modal parts) with the base rate
+    vilt = build_train_config(overrides={"recipe": "apt-vilt-vqa", "lr": 1e-4})
+    assert vilt.head_lr == pytest.approx(1e-3) and vilt.group_lrs()["method"] == 1e-4
+    meter = build_train_config(overrides={"recipe": "apt-meter-vqa", "lr": 1e-5})
+    assert meter.group_lrs() == pytest.approx({"method": 5e-5, "pooler": 5e-5, "token_type": 1e-5, "cls_token": 1e-5, "head": 5e-4})
+    assert build_train_config(overrides={"recipe": "apt-meter-vqa", "epochs": 2}).epochs == 2  # explicit keys win
     assert type(probe).model_validate_json(probe.model_dump_json()) == probe
 
 
-def test_the_head_trains_at_head_lr_and_the_method_at_lr(tmp_path):
+def test_unknown_recipe_gets_did_you_mean():
+    with pytest.raises(UserError, match="unknown recipe 'apt-vilt-vq' \\(did you mean 'apt-vilt-vqa'\\?\\)"):
+        build_train_config(overrides={"recipe": "apt-vilt-vq"})
+
+
+def test_each_group_trains_at_its_rate(tmp_path):
     trainer = Trainer(build_train_config(overrides={**TINY, "lr": 2e-3, "head_lr": 5e-2, "warmup_ratio": 0.0,
                                                     "output_dir": str(tmp_path)}), LocalSession(tmp_path))
-    head = {id(p) for p in trainer.model.head.parameters()}
-    groups = trainer.optimizer.param_groups
-    assert [g["lr"] for g in groups] == [2e-3, 5e-2]
-    assert all(id(p) not in head for p in groups[0]["params"]) and {id(p) for p in groups[1]["params"]} == head
-    assert {id(p) for g in groups for p in g["params"]} == {id(p) for p in trainer.model.parameters() if p.requires_grad}
+    groups = {g["name"]: g for g in trainer.optimizer.param_groups}
+    assert set(groups) == {"method", "head", "pooler", "token_type", "cls_token"}
+    assert groups["head"]["lr"] == 5e-2 and all(groups[k]["lr"] == 2e-3 for k in ("method", "pooler", "token_type", "cls_token"))
+    assert {id(p) for p in groups["head"]["params"]} == {id(p) for p in trainer.model.head.parameters()}
+    assert [id(p) for p in groups["cls_token"]["params"]] == [id(trainer.model.extras["cls_token"])]
+    assert {id(p) for g in groups.values() for p in g["params"]} == {id(p) for p in trainer.model.parameters() if p.requires_grad}
 
 
-def test_schedule_is_transformers_cosine_with_warmup():
-    """The loop's schedule (torch's LambdaLR, to keep peft out of every trial's start-up) gives the same rate at
-    every step as transformers' get_cosine_schedule_with_warmup, warm-up and the end included."""
-    from transformers import get_cosine_schedule_with_warmup
+@pytest.mark.parametrize("shape", ["cosine", "linear"])
+def test_schedule_is_transformers(shape):
+    """The loop's schedules (torch's LambdaLR, to keep peft out of every trial's start-up) give the same rate at every
+    step as transformers' get_cosine_schedule_with_warmup / get_linear_schedule_with_warmup, warm-up and end included."""
+    from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
-    from apt_ray.train.schedule import cosine_with_warmup
+    from apt_ray.train.schedule import warmup_then_decay
 
+    reference = {"cosine": get_cosine_schedule_with_warmup, "linear": get_linear_schedule_with_warmup}[shape]
     for warmup, total in ((10, 100), (0, 7), (3, 3)):
         ours, theirs = (torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=0.1) for _ in range(2))
-        a, b = cosine_with_warmup(ours, warmup, total), get_cosine_schedule_with_warmup(theirs, warmup, total)
+        a, b = warmup_then_decay(ours, warmup, total, shape), reference(theirs, warmup, total)
         rates = []
         for _ in range(total + 2):
-            assert a.get_last_lr() == b.get_last_lr()  # bit for bit: the pretrained cache stays valid
+            assert a.get_last_lr() == pytest.approx(b.get_last_lr(), abs=1e-15)
             rates.append(a.get_last_lr()[0])
             ours.step(), theirs.step(), a.step(), b.step()
         if warmup < total:  # full rate right after warm-up, zero at the end
             assert rates[warmup] == pytest.approx(0.1) and rates[total] == pytest.approx(0.0, abs=1e-12)
+

@@ -37,7 +37,7 @@ def test_wrapped_vilt_equals_transformers_vilt():
 
     model = tiny_model()
     model.backbone.vilt.load_state_dict(reference.state_dict())
-    applied = methods.apply(model, MethodSpec(name="apt", num_prompts=3))
+    applied = methods.apply(model, MethodSpec(name="apt", num_prompts=3, train_extras=[]))
     with torch.no_grad():
         for s in applied.sites:
             s.module.site_methods[0].prompts.zero_()
@@ -45,6 +45,23 @@ def test_wrapped_vilt_equals_transformers_vilt():
     with torch.no_grad():
         seq = model.backbone.vilt(**batch).last_hidden_state
     assert (seq - ref).abs().max() < 1e-5
+    # the learnable [CLS] starts as the embedding of the [CLS] id, so on texts that begin with it nothing changes
+    # until it trains; it replaces the first token whatever that token is
+    cls_id = int(batch["input_ids"][0, 0])
+    model = tiny_model()
+    model.backbone.vilt.load_state_dict(reference.state_dict())
+    model.cls_token_id = cls_id
+    methods.apply(model, MethodSpec(name="head_only"))
+    starts = {**batch, "input_ids": batch["input_ids"].clone()}
+    starts["input_ids"][:, 0] = cls_id
+    with torch.no_grad():
+        torch.manual_seed(0)
+        expected = reference(**starts).last_hidden_state
+        torch.manual_seed(0)
+        assert (model.backbone.vilt(**starts).last_hidden_state - expected).abs().max() < 1e-5
+        model.extras["cls_token"].add_(torch.randn_like(model.extras["cls_token"]))  # (a constant shift would vanish in the LayerNorm)
+        torch.manual_seed(0)
+        assert (model.backbone.vilt(**starts).last_hidden_state - expected).abs().max() > 1e-2
 
 
 def test_save_pretrained_reloads_identically(tmp_path):

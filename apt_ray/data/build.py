@@ -15,6 +15,7 @@ from apt_ray.data.answers import answer_coverage, build_answer_vocab
 from apt_ray.data.collate import CaptionCollator, VQACollator
 from apt_ray.data.loaders import CaptionDataset, CountingLoader, QADataset, make_loader
 from apt_ray.data.metrics import majority_baseline
+from apt_ray.data.preprocess import describe_image_processor, first_line, load_image_processor, looks_like_path
 from apt_ray.data.spec import DataSpec
 from apt_ray.data.stats import DataStats
 from apt_ray.data.synthetic import GENERATOR_VERSION, TOKENIZER_DIR, build_synthetic_vqa, is_complete, load_synthetic
@@ -37,6 +38,11 @@ class DataBundle:
     stats: dict[str, DataStats]
     spec: DataSpec
     location: Path | str = field(default="")
+    image_processor: Any = None
+
+    def image_processor_info(self) -> dict[str, Any]:
+        """What a trial logs about the image processor (see `describe_image_processor`)."""
+        return describe_image_processor(self.image_processor, self.spec.image_processor)
 
     @property
     def num_answers(self) -> int:
@@ -124,17 +130,42 @@ def open_sources(spec: DataSpec) -> tuple[QASource, QASource, str]:
     return train, val, where
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
+                   "sentencepiece.bpe.model")
+_TOKENIZER_FIX = ("Set tokenizer= to a folder written by a tokenizer's save_pretrained (tokenizer.json or its "
+                  "vocab files, e.g. vocab.txt or vocab.json + merges.txt), to a hub id reachable from this "
+                  "machine, or leave it unset for the synthetic set's own / a WordLevel tokenizer built over "
+                  "the train text.")
+
+
+def _load_named_tokenizer(value: str) -> Any:
+    """AutoTokenizer over a save_pretrained folder or hub id; UserError naming `tokenizer=` otherwise."""
+    from transformers import AutoTokenizer
+
+    folder = Path(value).expanduser()
+    local = folder.exists() or looks_like_path(value)
+    if local:
+        if not folder.exists():
+            raise UserError(f"tokenizer={value!r} does not exist. {_TOKENIZER_FIX}")
+        if not folder.is_dir():
+            raise UserError(f"tokenizer={value!r} is not a folder. {_TOKENIZER_FIX}")
+        if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+            raise UserError(f"tokenizer={value!r} holds none of {', '.join(TOKENIZER_FILES)}. {_TOKENIZER_FIX}")
+    try:
+        return AutoTokenizer.from_pretrained(str(folder) if local else value)
+    except Exception as exc:  # unreadable files, unknown class, unreachable hub id...
+        what = "could not be read" if local else "is not a hub id this machine can load"
+        raise UserError(f"tokenizer={value!r} {what} ({first_line(exc)}). {_TOKENIZER_FIX}") from None
+
+
 def load_tokenizer(spec: DataSpec, train: QASource | None = None) -> Any:
     """The tokenizer named by `spec.tokenizer`; else the synthetic set's own; else a WordLevel
-    tokenizer built in memory over the train questions and the distinct train answers."""
+    tokenizer built in memory over the train questions and the distinct train answers (it serves
+    randomly initialised backbones)."""
     from transformers import AutoTokenizer
 
     if spec.tokenizer:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer)
-        except Exception as exc:
-            raise UserError(f"Could not load the tokenizer {spec.tokenizer!r}: {exc}. Set data.tokenizer to a "
-                            "folder saved with save_pretrained or a reachable hub id.") from exc
+        tokenizer = _load_named_tokenizer(spec.tokenizer)
     elif spec.kind == "synthetic":
         tokenizer = AutoTokenizer.from_pretrained(str(ensure_synthetic(spec) / TOKENIZER_DIR))
     else:
@@ -143,9 +174,20 @@ def load_tokenizer(spec: DataSpec, train: QASource | None = None) -> Any:
         distinct_answers = sorted({a for answers in train.answers for a in answers})
         tokenizer = build_wordlevel_tokenizer([*train.questions, *distinct_answers])
     if tokenizer.pad_token_id is None:
-        raise UserError(f"The tokenizer {spec.tokenizer!r} has no padding token. Use a tokenizer with a pad token "
+        raise UserError(f"tokenizer={spec.tokenizer!r} has no padding token. Use a tokenizer with a pad token "
                         "(BERT- or RoBERTa-style), as batches are padded to data.max_text_len.")
     return tokenizer
+
+
+def load_processor_for(spec: DataSpec) -> Any:
+    """`load_image_processor(spec)`, warning when the processor targets another edge than
+    `spec.image_size` (the size cost profiles assume)."""
+    processor = load_image_processor(spec)
+    edge = describe_image_processor(processor)["image_size"]
+    if spec.image_processor and edge is not None and edge != spec.image_size:
+        log.warning("image_processor=%s targets %d-pixel images but data.image_size is %d; batches follow the "
+                    "processor", spec.image_processor, edge, spec.image_size)
+    return processor
 
 
 def _split_stats(split: str, source: QASource, answers: list[str], max_text_len: int) -> DataStats:
@@ -160,10 +202,13 @@ def build_data(spec: DataSpec | Mapping[str, Any]) -> DataBundle:
     """Open the data of `spec`, build tokenizer and answer vocabulary, and return sharded loaders.
 
     Batches are dicts: input_ids (B, max_text_len) long, attention_mask (B, max_text_len) long,
-    pixel_values (B, 3, image_size, image_size) float32, labels (B, num_answers) float32 soft
-    targets, question_id (B,) long.
+    pixel_values (B, 3, H, W) float32 from the backbone's image processor (H = W = image_size for
+    square images at image_size and for METER's crop; ViLT pads a batch to its largest image),
+    pixel_mask (B, H, W) long when the processor pads (ViLT: 1 on image pixels, 0 on padding),
+    labels (B, num_answers) float32 soft targets, question_id (B,) long.
     """
     spec = _as_spec(spec)
+    processor = load_processor_for(spec)  # cheap, so a bad processor fails before the data is read
     train, val, where = open_sources(spec)
     tokenizer = load_tokenizer(spec, train)
     answers = build_answer_vocab(train.answers, spec.answer_top_k)
@@ -177,8 +222,7 @@ def build_data(spec: DataSpec | Mapping[str, Any]) -> DataBundle:
     baseline = majority_baseline(train.answers, val.answers)
     if spec.num_workers > 0:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers warns after fork otherwise
-    collate = VQACollator(tokenizer, answers, image_size=spec.image_size, max_text_len=spec.max_text_len,
-                          mean=spec.mean, std=spec.std)
+    collate = VQACollator(tokenizer, answers, image_processor=processor, max_text_len=spec.max_text_len)
     common = dict(seed=spec.seed, world_size=spec.world_size, rank=spec.rank, num_workers=spec.num_workers,
                   max_bad_image_fraction=spec.max_bad_image_fraction)
     train_loader = make_loader(QADataset(train), collate, stats["train"], batch_size=spec.batch_size,
@@ -186,7 +230,7 @@ def build_data(spec: DataSpec | Mapping[str, Any]) -> DataBundle:
     val_loader = make_loader(QADataset(val), collate, stats["val"],
                              batch_size=spec.eval_batch_size or spec.batch_size, shuffle=False, **common)
     return DataBundle(train_loader=train_loader, val_loader=val_loader, tokenizer=tokenizer, answers=answers,
-                      majority_baseline=baseline, stats=stats, spec=spec, location=where)
+                      majority_baseline=baseline, stats=stats, spec=spec, location=where, image_processor=processor)
 
 
 def build_caption_loader(
@@ -197,9 +241,11 @@ def build_caption_loader(
     shuffle: bool = True,
     max_text_len: int | None = None,
 ) -> CountingLoader:
-    """Image-caption batches (input_ids, attention_mask, pixel_values) for pretraining, one pair
-    per image of `split`; sharded and seeded like `build_data`. Tokenizer: `load_tokenizer(spec)`."""
+    """Image-caption batches (input_ids, attention_mask, pixel_values, and pixel_mask when the image
+    processor pads) for pretraining, one pair per image of `split`; sharded and seeded like
+    `build_data`. Tokenizer: `load_tokenizer(spec)`; images: `load_image_processor(spec)`."""
     spec = _as_spec(spec)
+    processor = load_processor_for(spec)
     if spec.kind == "vqav2_arrow":
         raise UserError("Captions exist only in the synthetic set (or a Hugging Face dataset with a 'caption' "
                         "column); set data.kind to 'synthetic' for pretraining.")
@@ -213,8 +259,7 @@ def build_caption_loader(
         raise UserError(f"The {split!r} split at {where} is empty. Point data.path at a dataset with images "
                         "and captions in that split.")
     length = max_text_len or spec.max_text_len
-    collate = CaptionCollator(load_tokenizer(spec), image_size=spec.image_size, max_text_len=length,
-                              mean=spec.mean, std=spec.std)
+    collate = CaptionCollator(load_tokenizer(spec), image_processor=processor, max_text_len=length)
     return make_loader(captions, collate, DataStats(split=f"{split} captions", questions=len(captions),
                                                     max_text_len=length),
                        batch_size=batch_size or spec.batch_size, shuffle=shuffle, seed=spec.seed,

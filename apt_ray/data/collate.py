@@ -1,4 +1,4 @@
-"""Batching: tokenised text, resized and normalised images, soft answer targets, with counters.
+"""Batching: tokenised text, images through the backbone's image processor, soft answer targets.
 
 A collator returns `CollateOutput(batch, counts)`: the tensors, and how many images failed to
 decode (those examples are dropped from the batch) and how many texts were truncated.
@@ -13,11 +13,11 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
-import numpy as np
 import torch
 from PIL import Image
 
 from apt_ray.data.answers import soft_score
+from apt_ray.data.preprocess import target_edge, resize_output_size
 from apt_ray.data.stats import BatchCounts
 
 
@@ -28,40 +28,60 @@ class CollateOutput(NamedTuple):
     counts: BatchCounts
 
 
-def decode_image(data: bytes, size: int) -> np.ndarray | None:
-    """RGB uint8 array (size, size, 3) from encoded bytes, or None if they do not decode."""
+def decode_image(data: bytes) -> Image.Image | None:
+    """The RGB PIL image in encoded bytes, or None if they do not decode."""
     if not data:
         return None
     try:
         with Image.open(io.BytesIO(data)) as image:
-            rgb = image.convert("RGB")
+            return image.convert("RGB")  # convert() loads the pixels, so the file can close
     except Exception:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
         return None
-    if rgb.size != (size, size):
-        rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
-    return np.asarray(rgb, dtype=np.uint8)
 
 
-class ImageTransform:
-    """Decode, resize to a square `size` and normalise with per-channel mean/std."""
+class ImageBatcher:
+    """Decode image bytes to RGB and run the backbone's image processor over the batch.
 
-    def __init__(self, size: int, mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5)):
-        self.size = size
-        std_arr = np.asarray(std, dtype=np.float32)
-        # (x / 255 - mean) / std as one scale and shift per channel
-        self.scale = (1.0 / (255.0 * std_arr)).astype(np.float32)
-        self.shift = (np.asarray(mean, dtype=np.float32) / std_arr).astype(np.float32)
+    Returns pixel_values (float32) and, when the processor pads, pixel_mask (long). When every
+    image of a batch already has the size the processor's resize step would give it (the
+    synthetic scenes at `image_size`), the processor runs with `do_resize=False`: PIL returns an
+    exact copy for a same-size resize, so the pixels are identical and the round trip is saved.
+    """
 
-    def __call__(self, images: Sequence[bytes]) -> tuple[torch.Tensor, list[bool]]:
-        """Float tensor (k, 3, size, size) of the images that decoded, and which ones did.
-        The arithmetic runs in numpy, so it never competes for torch's intra-op threads."""
-        arrays = [decode_image(b, self.size) for b in images]
-        ok = [a is not None for a in arrays]
-        good = [a for a in arrays if a is not None]
+    def __init__(self, image_processor: Any) -> None:
+        self.processor = image_processor
+        self.edge = target_edge(image_processor) or 0
+        self.pads = bool(getattr(image_processor, "do_pad", False)) and "pixel_mask" in getattr(
+            image_processor, "model_input_names", ())
+        self._resize_is_identity: dict[tuple[int, int], bool] = {}
+
+    def _skip_resize(self, images: Sequence[Image.Image]) -> bool:
+        if not getattr(self.processor, "do_resize", False):
+            return False
+        for image in images:
+            hw = (image.height, image.width)
+            if hw not in self._resize_is_identity:
+                self._resize_is_identity[hw] = resize_output_size(self.processor, *hw) == hw
+            if not self._resize_is_identity[hw]:
+                return False
+        return True
+
+    def __call__(self, images: Sequence[bytes]) -> tuple[dict[str, torch.Tensor], list[bool]]:
+        """Tensors of the images that decoded, and which ones did."""
+        decoded = [decode_image(b) for b in images]
+        ok = [d is not None for d in decoded]
+        good = [d for d in decoded if d is not None]
         if not good:
-            return torch.empty(0, 3, self.size, self.size), ok
-        pixels = np.stack(good).astype(np.float32) * self.scale - self.shift  # (k, H, W, 3)
-        return torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))), ok
+            out = {"pixel_values": torch.empty(0, 3, self.edge, self.edge)}
+            if self.pads:
+                out["pixel_mask"] = torch.empty(0, self.edge, self.edge, dtype=torch.long)
+            return out, ok
+        extra = {"do_resize": False} if self._skip_resize(good) else {}
+        features = self.processor(images=good, return_tensors="pt", **extra)
+        out = {"pixel_values": features["pixel_values"].float()}
+        if "pixel_mask" in features:
+            out["pixel_mask"] = features["pixel_mask"].long()
+        return out, ok
 
 
 def encode_texts(tokenizer: Any, texts: Sequence[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -88,22 +108,14 @@ def soft_target_matrix(answer_lists: Sequence[Sequence[str]], answer_index: Mapp
 
 
 class VQACollator:
-    """Examples (`QAExample` dicts) -> input_ids, attention_mask, pixel_values, labels, question_id."""
+    """Examples (`QAExample` dicts) -> input_ids, attention_mask, pixel_values, [pixel_mask], labels,
+    question_id."""
 
-    def __init__(
-        self,
-        tokenizer: Any,
-        answers: Sequence[str],
-        *,
-        image_size: int,
-        max_text_len: int,
-        mean: Sequence[float] = (0.5, 0.5, 0.5),
-        std: Sequence[float] = (0.5, 0.5, 0.5),
-    ) -> None:
+    def __init__(self, tokenizer: Any, answers: Sequence[str], *, image_processor: Any, max_text_len: int) -> None:
         self.tokenizer = tokenizer
         self.answer_index = {a: i for i, a in enumerate(answers)}
         self.max_text_len = max_text_len
-        self.images = ImageTransform(image_size, mean, std)
+        self.images = ImageBatcher(image_processor)
 
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> CollateOutput:
         pixels, ok = self.images([ex["image"] for ex in examples])
@@ -113,7 +125,7 @@ class VQACollator:
         batch = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
-            "pixel_values": pixels,
+            **pixels,
             "labels": soft_target_matrix([ex["answers"] for ex in kept], self.answer_index),
             "question_id": torch.tensor([int(ex["question_id"]) for ex in kept], dtype=torch.long),
         }
@@ -121,24 +133,17 @@ class VQACollator:
 
 
 class CaptionCollator:
-    """Caption examples ({'image': bytes, 'caption': str}) -> input_ids, attention_mask, pixel_values."""
+    """Caption examples ({'image': bytes, 'caption': str}) -> input_ids, attention_mask, pixel_values,
+    [pixel_mask]."""
 
-    def __init__(
-        self,
-        tokenizer: Any,
-        *,
-        image_size: int,
-        max_text_len: int,
-        mean: Sequence[float] = (0.5, 0.5, 0.5),
-        std: Sequence[float] = (0.5, 0.5, 0.5),
-    ) -> None:
+    def __init__(self, tokenizer: Any, *, image_processor: Any, max_text_len: int) -> None:
         self.tokenizer = tokenizer
         self.max_text_len = max_text_len
-        self.images = ImageTransform(image_size, mean, std)
+        self.images = ImageBatcher(image_processor)
 
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> CollateOutput:
         pixels, ok = self.images([ex["image"] for ex in examples])
         texts = [ex["caption"] for ex, good in zip(examples, ok) if good]
         input_ids, attention_mask, truncated = encode_texts(self.tokenizer, texts, self.max_text_len)
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixels}
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, **pixels}
         return CollateOutput(batch, BatchCounts(len(examples), ok.count(False), truncated))

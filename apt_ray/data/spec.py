@@ -52,8 +52,20 @@ class DataSpec(BaseModel):
     # model-side shapes
     image_size: int = Field(default=64, ge=8, le=2048)
     max_text_len: int = Field(default=40, ge=3, le=4096)
-    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    processor_family: Literal["vilt", "meter"] = Field(
+        default="vilt",
+        description="which backbone's default image processor to build when image_processor is unset: "
+        "vilt (ViltImageProcessor: shorter side image_size, longer side <= 1333/800 of it, multiples of "
+        "patch_size, mean/std 0.5, padded batches with pixel_mask) or meter (CLIPImageProcessor: resize + "
+        "centre crop at image_size, CLIP mean/std)",
+    )
+    patch_size: int = Field(default=32, ge=1, le=1024,
+                            description="ViLT's default processor rounds image sides down to a multiple of this")
+    image_processor: str | None = Field(
+        default=None,
+        description="image processor folder (written by save_pretrained, holding preprocessor_config.json) "
+        "or hub id; default: the processor_family's processor at image_size",
+    )
     tokenizer: str | None = Field(
         default=None,
         description="tokenizer folder or hub id; default: the synthetic set's own, else a "
@@ -72,13 +84,6 @@ class DataSpec(BaseModel):
     world_size: int = Field(default=1, gt=0)
     rank: int = Field(default=0, ge=0)
 
-    @field_validator("std")
-    @classmethod
-    def _positive_std(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
-        if any(s <= 0 for s in value):
-            raise ValueError("every std value must be positive")
-        return value
-
     @field_validator("train_splits")
     @classmethod
     def _some_train_split(cls, value: tuple[str, ...]) -> tuple[str, ...]:
@@ -90,6 +95,10 @@ class DataSpec(BaseModel):
     def _check_rank(self) -> DataSpec:
         if self.rank >= self.world_size:
             raise ValueError(f"rank {self.rank} must be smaller than world_size {self.world_size}")
+        if self.processor_family == "vilt" and self.image_processor is None and self.image_size < self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is smaller than patch_size {self.patch_size}: ViLT's "
+                             "processor rounds image sides down to a multiple of patch_size, which would give "
+                             "empty images")
         return self
 
     def cache_root(self) -> Path:

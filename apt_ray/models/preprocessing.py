@@ -43,6 +43,13 @@ def resolve_tokenizer(family: str, checkpoint: str | None, tokenizer: str | None
             )
         if not _is_local(checkpoint):
             return checkpoint  # a hub id names its tokenizer too
+        if not path.exists():
+            raise UserError(f"checkpoint '{checkpoint}' does not exist: pass a directory written by save_pretrained "
+                            "(config.json + weights), an official METER .ckpt file, or a hub id.")
+        if path.is_dir():
+            from apt_ray.models.presets import check_model_type
+
+            check_model_type(path, family)  # another architecture's directory: say that, not "no tokenizer"
         if has_tokenizer(path):
             return str(path)
         raise UserError(

@@ -25,6 +25,12 @@ class Preset:
     patch_size: int
     make_config: Callable[[int | None, int | None], PretrainedConfig]  # (vocab_size, pad_token_id)
     description: str
+    processor_size: int | None = None  # the image processor's size where it differs from image_hw[0]
+
+    @property
+    def image_size(self) -> int:
+        """What the image processor resizes to: ViLT's shorter side, METER's crop."""
+        return self.processor_size or self.image_hw[0]
 
     @property
     def image_tokens(self) -> int:
@@ -64,7 +70,9 @@ def _tiny_meter(vocab_size: int | None, pad_token_id: int | None = None) -> Pret
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
-        Preset("vilt-b32", "vilt", 40, (320, 640), 32, _vilt_b32, "ViLT-B/32 at the paper's VQA shapes (40 text + 200 patches + CLS)"),
+        Preset("vilt-b32", "vilt", 40, (320, 640), 32, _vilt_b32,
+               "ViLT-B/32 at the paper's VQA shapes (40 text + 200 patches + CLS); images: shorter side 384, longer at most 640",
+               processor_size=384),
         Preset("tiny-vilt", "vilt", 24, (64, 64), 8, _tiny_vilt, "CPU-sized ViLT for the embedded default"),
         Preset("meter-clip16-roberta", "meter", 50, (384, 384), 16, _meter_paper, "METER (CLIP-ViT-B/16 + RoBERTa, 6 fusion layers), 50 text + 577 image tokens"),
         Preset("tiny-meter", "meter", 24, (64, 64), 8, _tiny_meter, "CPU-sized METER for the embedded default"),
@@ -122,7 +130,7 @@ def build_backbone(
             f"save_pretrained (config.json + weights){', or an official METER .ckpt file' if preset.family == 'meter' else ''}."
         )
     if ckpt.is_dir():
-        _check_model_type(ckpt, preset.family)
+        check_model_type(ckpt, preset.family)
     try:
         return cls.from_pretrained(str(checkpoint))
     except UserError:
@@ -147,7 +155,7 @@ def checkpoint_config(name: str, checkpoint: str | Path | None) -> PretrainedCon
     if not (path / "config.json").is_file():
         return None
     family = get_preset(name).family
-    _check_model_type(path, family)
+    check_model_type(path, family)
     if family == "vilt":
         return ViltConfig.from_pretrained(str(path))
     from apt_ray.models.meter import MeterConfig
@@ -155,7 +163,7 @@ def checkpoint_config(name: str, checkpoint: str | Path | None) -> PretrainedCon
     return MeterConfig.from_pretrained(str(path))
 
 
-def _check_model_type(directory: Path, family: str) -> None:
+def check_model_type(directory: Path, family: str) -> None:
     """Refuse a checkpoint directory of another architecture before transformers half-loads it."""
     import json
 

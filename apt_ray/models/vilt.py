@@ -61,7 +61,15 @@ class ViltBackbone(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | Path) -> "ViltBackbone":
-        vilt = ViltModel.from_pretrained(str(path_or_id), add_pooling_layer=True)
+        from transformers.utils import logging as hf_logging
+
+        shown = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # a bar per load is noise in every trial's log
+        try:
+            vilt = ViltModel.from_pretrained(str(path_or_id), add_pooling_layer=True)
+        finally:
+            if shown:
+                hf_logging.enable_progress_bar()
         return cls(vilt.config, vilt)
 
     def save_pretrained(self, path: str | Path) -> None:

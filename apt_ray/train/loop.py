@@ -27,7 +27,6 @@ from tqdm.auto import tqdm
 from apt_ray import methods
 from apt_ray.config import TrainConfig, build_train_config
 from apt_ray.data.build import build_data
-from apt_ray.data.preprocess import describe_image_processor
 from apt_ray.data.metrics import vqa_score_sum
 from apt_ray.errors import UserError
 from apt_ray.models.heads import vqa_loss
@@ -314,7 +313,7 @@ class Trainer:
     def preprocessing(self) -> dict[str, Any]:
         """What the trial fed the model: tokenizer, image processing, recipe (logged with every run)."""
         tok = self.data.tokenizer
-        return {"tokenizer": getattr(tok, "name_or_path", "") or type(tok).__name__, **describe_image_processor(self.data.image_processor),
+        return {"tokenizer": getattr(tok, "name_or_path", "") or type(tok).__name__, **self.data.image_processor_info(),
                 "recipe": self.cfg.recipe, "lr_groups": {k: v for k, v in self.cfg.group_lrs().items() if k in self.applied.groups}}
 
     def result(self) -> dict[str, Any]:

@@ -46,9 +46,9 @@ def warmup_then_decay(optimizer: Optimizer, warmup_steps: int, total_steps: int,
     def factor(step: int) -> float:
         if step < warmup_steps:
             return step / max(1, warmup_steps)
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         if shape == "linear":
-            return max(0.0, 1.0 - progress)
+            return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
     return LambdaLR(optimizer, factor)
