@@ -46,6 +46,10 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
                    help="deep_prompt: do not project the prompts through W_q")
     p.add_argument("--reparam-hidden", type=int, default=None, help="deep_prompt: OFA-PT prefix encoder width")
     p.add_argument("--num-visual-prompts", type=int, default=None, help="kv_prompt: visual prompts")
+    p.add_argument("--no-shared-kv", dest="shared_kv", action="store_false", default=None,
+                   help="kv_prompt: separate key and value prompts (E2VPT's default shares one tensor)")
+    p.add_argument("--no-deep-visual-prompts", dest="deep_visual_prompts", action="store_false", default=None,
+                   help="kv_prompt: visual prompts at the input only (E2VPT's default: a new set at every image-encoder layer)")
     p.add_argument("--adapter-dim", type=int, default=None, help="adapter bottleneck width")
     p.add_argument("--train-extras", type=_names, default=None,
                    help="backbone parts trained besides the method, comma-separated from pooler,token_type,cls_token ('' for none; default: all three)")
@@ -60,7 +64,8 @@ def method_spec_from_args(args: argparse.Namespace):
         "name": args.method, "num_prompts": args.num_prompts, "rank": args.rank, "depth": args.depth,
         "placement": args.placement, "layers": args.layers, "reparam_hidden": args.reparam_hidden,
         "num_visual_prompts": args.num_visual_prompts, "adapter_dim": args.adapter_dim, "sites": args.sites,
-        "project_queries": args.project_queries, "train_extras": args.train_extras,
+        "project_queries": args.project_queries, "train_extras": args.train_extras, "shared_kv": args.shared_kv,
+        "deep_visual_prompts": args.deep_visual_prompts,
     }
     try:
         return MethodSpec(**{k: v for k, v in fields.items() if v is not None})

@@ -87,6 +87,15 @@ CASES: list[tuple[str, list[str], str]] = [
     ("sweep", ["data=vqav2_arrow", "fixed.pretrained=false", "fixed.data_path=/nonexistent/vqa"],
      "fixed.data_path /nonexistent/vqa does not exist"),
     ("sweep", ["data=hf", "fixed.pretrained=false"], "data=hf needs fixed.data_path"),
+    # preprocessing sources, recipes and layouts
+    ("train", ["recipe=apt-vilt-vq"], "unknown recipe 'apt-vilt-vq' (did you mean 'apt-vilt-vqa'?)"),
+    ("sweep", ["fixed.recipe=embeded"], "unknown recipe 'embeded' (did you mean 'embedded'?)"),
+    ("train", ["--model", "tiny-meter", "checkpoint=/nonexistent/meter.ckpt"], "holds no tokenizer: pass tokenizer=roberta-base"),
+    ("train", ["tokenizer=/nonexistent/tokenizer"], "tokenizer='/nonexistent/tokenizer'"),
+    ("train", ["image_processor=/nonexistent/processor"], "image_processor='/nonexistent/processor'"),
+    ("train", ["sites=cross"], "sites=cross: this backbone has no cross-attention sites"),
+    ("profile", ["--model", "tiny-vilt", "--sites", "cross"], "sites=cross: this backbone has no cross-attention sites"),
+    ("profile", ["--train-extras", "pooler,prompts"], "train_extras"),
     # --resume with no earlier sweep at that path
     ("sweep", ["--resume", "--storage-path", "no_sweep_here"], "no earlier sweep at"),
 ]

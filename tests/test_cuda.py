@@ -46,6 +46,20 @@ def test_loop_runs_in_bf16_on_cuda_and_learns(tmp_path):
     assert 0.0 <= result["val_vqa_score"] <= 100.0
 
 
+@pytest.mark.parametrize("precision, dtype", [("fp16", torch.float16), ("fp32", torch.float32)])
+def test_recipe_precision_on_cuda(tmp_path, precision, dtype):
+    """The authors' ViLT recipe trains in fp16 with loss scaling, their METER recipe in fp32."""
+    cfg = build_train_config(overrides={**SMALL_DATA, "method": "apt", "precision": precision, "output_dir": str(tmp_path)})
+    trainer = Trainer(cfg, LocalSession(tmp_path))
+    dtypes: list[torch.dtype] = []
+    trainer.model.head.net[0].register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    result = trainer.fit()
+    assert set(dtypes) == {dtype}
+    assert (trainer.scaler is not None) == (precision == "fp16")
+    losses = [h["train_loss"] for h in result["history"]]
+    assert all(map(torch.isfinite, map(torch.tensor, losses))) and losses[-1] < losses[0]
+
+
 @pytest.mark.parametrize("preset", ["vilt-b32", "meter-clip16-roberta"])
 @pytest.mark.parametrize("method", ["apt", "deep_prompt"])
 def test_paper_presets_train_on_cuda(preset, method):

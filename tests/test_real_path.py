@@ -205,6 +205,7 @@ def test_vilt_gets_bert_ids_and_vilt_pixels(artefacts: dict[str, Any], tmp_path:
     # what the run logs: its tokenizer and image processing
     assert result["tokenizer"] == str(artefacts["vilt"])
     assert result["image_mean"] == pytest.approx([0.5] * 3) and result["image_std"] == pytest.approx([0.5] * 3)
+    assert result["image_processor"] == str(artefacts["vilt"]) and result["image_size"] == 64
     assert result["recipe"] == "embedded" and result["trainable_groups"]["method"] == result["updated_params"]
 
 

@@ -167,6 +167,10 @@ def check_tracking(uri: str, experiment: str, epochs: int) -> tuple[Any, list[An
         history = c.get_metric_history(run.info.run_id, "val_vqa_score")
         assert sorted(m.step for m in history) == list(range(1, epochs + 1))
         assert {"train_loss", "samples_per_s", "step_time_ms"} <= set(run.data.metrics)
+        # what the trial actually used: its tokenizer and image processing, recipe and trainable groups
+        params = run.data.params
+        assert {"tokenizer", "image_mean", "image_std", "image_size", "recipe", "trainable_groups"} <= set(params), params
+        assert params["recipe"] == "embedded" and "method" in params["trainable_groups"]
         profile = json.loads(Path(c.download_artifacts(run.info.run_id, "flops_profile.json")).read_text())
         assert profile["num_prompts"] == int(run.data.params["num_prompts"]) and profile["depth"] == int(run.data.params["depth"])
         assert len(profile["per_site"]) == profile["sites"] > 0

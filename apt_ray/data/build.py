@@ -151,11 +151,18 @@ def _load_named_tokenizer(value: str) -> Any:
             raise UserError(f"tokenizer={value!r} is not a folder. {_TOKENIZER_FIX}")
         if not any((folder / name).is_file() for name in TOKENIZER_FILES):
             raise UserError(f"tokenizer={value!r} holds none of {', '.join(TOKENIZER_FILES)}. {_TOKENIZER_FIX}")
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    # a backbone directory's config.json names apt_ray's own model type, which AutoTokenizer reads and warns about
+    hf_logging.set_verbosity_error()
     try:
         return AutoTokenizer.from_pretrained(str(folder) if local else value)
     except Exception as exc:  # unreadable files, unknown class, unreachable hub id...
         what = "could not be read" if local else "is not a hub id this machine can load"
         raise UserError(f"tokenizer={value!r} {what} ({first_line(exc)}). {_TOKENIZER_FIX}") from None
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def load_tokenizer(spec: DataSpec, train: QASource | None = None) -> Any:

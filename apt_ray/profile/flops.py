@@ -18,7 +18,9 @@ from apt_ray.methods.spec import MethodSpec
 from apt_ray.models.presets import build_backbone, get_preset
 from apt_ray.models.vqa import VQAModel
 
-VQAV2_ANSWERS = 3129  # the standard VQAv2 answer vocabulary (ViLT/METER heads)
+VQAV2_ANSWERS = 3129
+# The layout knobs a profile reports per method (besides its sites and trained extras).
+LAYOUT_KNOBS = {"apt": ("train_scale",), "deep_prompt": ("project_queries",), "kv_prompt": ("shared_kv", "deep_visual_prompts")}  # the standard VQAv2 answer vocabulary (ViLT/METER heads)
 _aten = torch.ops.aten
 
 
@@ -151,5 +153,5 @@ def profile(
         measured_additional_gmacs=additional / 1e9, analytic_additional_gmacs=sum(analytic.values()) / 1e9,
         updated_params=updated, analytic_updated_params=applied.analytic_params(), trainable_params=sum(groups.values()),
         head_params=head, trainable_groups=groups, per_site=per_site,
-        layout={k: getattr(applied.spec, k) for k in ("sites", "project_queries", "train_scale")} | {"train_extras": list(applied.extras)},
+        layout={k: getattr(applied.spec, k) for k in ("sites", *LAYOUT_KNOBS.get(method.name, ()))} | {"train_extras": list(applied.extras)},
     )
