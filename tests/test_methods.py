@@ -11,7 +11,7 @@ from apt_ray import methods
 from apt_ray.errors import UserError
 from apt_ray.methods.apt import APTSite
 from apt_ray.methods.deep_prompt import DeepPromptSite, fold
-from apt_ray.methods.kv_prompt import KVPromptSite, VisualPrompts, image_encoder_layers
+from apt_ray.methods.kv_prompt import KVPromptSite, VisualPrompts
 from apt_ray.methods.prefix_encoder import PrefixEncoder, PrefixSite
 from apt_ray.methods.sites import resolve_layers
 from apt_ray.methods.spec import METHOD_NAMES, MethodSpec
@@ -257,7 +257,7 @@ def test_deep_visual_prompts_replace_each_layers_prompt_tokens(backbone):
     model.eval()
     visual = model.method_modules["kv_prompt"]
     assert isinstance(visual, VisualPrompts) and len(visual.sets) == _image_encoder_depth(model.backbone)
-    layers = image_encoder_layers(model.backbone)
+    layers = model.backbone.image_encoder_layers()
     batch = tiny_batch(backbone)
 
     def run() -> torch.Tensor:
@@ -300,7 +300,7 @@ def test_deep_visual_prompts_replace_each_layers_prompt_tokens(backbone):
     torch.manual_seed(0)
     with torch.no_grad():
         ref = shallow(**batch)
-    handle = image_encoder_layers(shallow.backbone)[k - 1].register_forward_hook(scramble)
+    handle = shallow.backbone.image_encoder_layers()[k - 1].register_forward_hook(scramble)
     torch.manual_seed(0)
     with torch.no_grad():
         assert (shallow(**batch) - ref).abs().max() > 1e-6

@@ -54,23 +54,6 @@ class KVPromptSite(SiteMethod):
         return k, (k if self.value_prompts is None else self.value_prompts.unsqueeze(0))
 
 
-def image_encoder_layers(backbone: nn.Module) -> nn.ModuleList:
-    """The layers of the encoder that carries the image tokens (ViLT: the joint encoder; METER: the CLIP ViT)."""
-    family = getattr(backbone, "family", None)
-    if family == "vilt":
-        return backbone.vilt.encoder.layer
-    if family == "meter":
-        vision = backbone.vision_encoder
-        return getattr(vision, "vision_model", vision).encoder.layers
-    raise TypeError(f"no image encoder known for backbone family {family!r}")
-
-
-def image_patch_size(backbone: nn.Module) -> int:
-    cfg = backbone.config
-    vision = getattr(cfg, "vision_config", None)
-    return int(vision["patch_size"]) if isinstance(vision, dict) else int(cfg.patch_size)
-
-
 class VisualPrompts(nn.Module):
     """E2VPT's visual prompts: ``sets[0]`` enters with the image tokens; with ``deep``, ``sets[i]`` replaces
     the last ``v`` tokens at the input of image-encoder layer ``i``."""
@@ -85,7 +68,7 @@ class VisualPrompts(nn.Module):
 
     def attach_to(self, backbone: nn.Module) -> None:
         backbone.set_image_prompts(self.sets[0])
-        for i, layer in enumerate(image_encoder_layers(backbone)):
+        for i, layer in enumerate(backbone.image_encoder_layers()):
             if 0 < i < len(self.sets):
                 self._handles.append(layer.register_forward_pre_hook(functools.partial(self._replace, i), with_kwargs=True))
 
@@ -108,9 +91,9 @@ def apply(model: VQAModel, spec: MethodSpec) -> AppliedMethod:
     for site in sites:
         site.module.attach(KVPromptSite(site.hidden_size, site.num_heads, p, spec.shared_kv))
     d_in = backbone.input_prompt_dim
-    sets = len(image_encoder_layers(backbone)) if spec.deep_visual_prompts else 1
+    sets = len(backbone.image_encoder_layers()) if spec.deep_visual_prompts else 1
     if v:
-        visual = VisualPrompts(v, d_in, sets, math.sqrt(6.0 / (3 * image_patch_size(backbone) ** 2 + d_in)))
+        visual = VisualPrompts(v, d_in, sets, math.sqrt(6.0 / (3 * backbone.image_patch_size ** 2 + d_in)))
         model.method_modules[METHOD_KEY] = visual
         visual.attach_to(backbone)
 

@@ -361,6 +361,14 @@ class MeterBackbone(nn.Module):
         """Text and image poolers concatenated."""
         return 2 * self.config.hidden_size
 
+    def image_encoder_layers(self) -> nn.ModuleList:
+        """The CLIP vision encoder's layers: where deep visual prompts go."""
+        return self.vision_encoder.encoder.layers
+
+    @property
+    def image_patch_size(self) -> int:
+        return int(self.config.vision_config["patch_size"])
+
     @property
     def input_prompt_dim(self) -> int:
         """Width of the tokens :meth:`set_image_prompts` appends (the vision encoder's width)."""

@@ -106,6 +106,14 @@ class ViltBackbone(nn.Module):
         """The padding id the text embeddings were trained with (BERT: 0)."""
         return getattr(self.config, "pad_token_id", None)
 
+    def image_encoder_layers(self) -> nn.ModuleList:
+        """The layers that carry the image tokens (ViLT's joint encoder): where deep visual prompts go."""
+        return self.vilt.encoder.layer
+
+    @property
+    def image_patch_size(self) -> int:
+        return int(self.config.patch_size)
+
     @property
     def input_prompt_dim(self) -> int:
         """Width of the tokens :meth:`set_image_prompts` appends."""
