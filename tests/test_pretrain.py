@@ -62,3 +62,20 @@ def test_contrast_trains_both_encoders_and_pretraining_records_it(tmp_path):
     assert json.loads((meter / "pretrain.json").read_text())["final_itc_loss"] > 0
     vilt = pretrain("tiny-vilt", spec, tmp_path / "vilt", steps=1, batch_size=8, progress=False)
     assert json.loads((vilt / "pretrain.json").read_text())["final_itc_loss"] is None
+
+
+def test_pretrained_backbone_travels_with_its_tokenizer_and_image_processor(tmp_path):
+    """The cache entry holds the tokenizer and the family's image processor it was trained with, and a trial on it
+    reads both from there (tiny-meter: CLIP's statistics)."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    from apt_ray.data.preprocess import CLIP_MEAN, CLIP_STD
+
+    spec = build_train_config(overrides={**TINY, "model": "tiny-meter", "data_path": str(tmp_path / "data")}).data_spec()
+    out = pretrain("tiny-meter", spec, tmp_path / "meter", steps=1, batch_size=8, progress=False)
+    tokenizer, trained_with = AutoTokenizer.from_pretrained(str(out)), load_tokenizer(spec)
+    assert tokenizer.get_vocab() == trained_with.get_vocab()
+    processor = AutoImageProcessor.from_pretrained(str(out), backend="pil")
+    assert list(processor.image_mean) == pytest.approx(CLIP_MEAN) and list(processor.image_std) == pytest.approx(CLIP_STD)
+    trial = build_train_config(overrides={**TINY, "model": "tiny-meter", "data_path": str(tmp_path / "data")}).data_spec(pretrained_dir=out)
+    assert trial.tokenizer == str(out) and trial.image_processor == str(out)
