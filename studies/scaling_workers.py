@@ -10,7 +10,7 @@ steady state: samples/s over the epochs after the first (which overlaps Ray's st
 efficiency = samples_per_s(W) / (W * samples_per_s(1)). Prints a table, logs one MLflow run
 (metrics at step W, the table as an artifact) and with --json writes rows {workers, samples_per_s,
 efficiency}. key=value pairs are trial settings (num_train_images=256 ...).
-The counts alternate between repeats and the medians are reported: this machine's speed drifts over minutes.
+The counts alternate between repeats and the medians are reported, because a machine's speed can drift over minutes.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ def _close(a: float, b: float, tol: float) -> bool:
 
 # (model, method, sites, published updated params, published additional GFLOPs = GMACs). METER's deep prompt is the
 # authors' released layout (cross-attention K/V only: 1.84M, 3.99G), not the paper table's 3.68M / 13.05G, which no
-# released layout gives (docs/profile.md).
+# released layout gives (docs/methods.md).
 PAPER = [
     ("vilt-b32", "deep_prompt", 12, 1.84e6, 5.14),
     ("vilt-b32", "apt", 12, 1.92e6, 0.91),

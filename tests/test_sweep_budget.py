@@ -27,7 +27,7 @@ def test_paper_shapes_are_cheap_to_cost() -> None:
 
 
 def profile_free_reference() -> float:
-    """APT on METER at p=200, r=4, 24 sites (REFERENCE.md): per site 2*N_q*p*d + 2*p*d*r, d=768,
+    """APT on METER at p=200, r=4, 24 sites (docs/methods.md): per site 2*N_q*p*d + 2*p*d*r, d=768,
     N_q = 50 text or 577 image tokens, each stream with one self- and one cross-attention site per layer."""
     d, p, r = 768, 200, 4
     per_layer = sum(2 * (2 * n * p * d + 2 * p * d * r) for n in (50, 577))

@@ -72,7 +72,7 @@ _USES: dict[str, tuple[str, ...]] = {
 
 
 def default_space(method: str, num_layers: int, hidden_size: int) -> dict[str, ParamSpec]:
-    """The issue's default: prompts log 1..256, rank log 1..64, depth 1..layers, placement, lr log 1e-4..3e-2
+    """The default space: prompts log 1..256, rank log 1..64, depth 1..layers, placement, lr log 1e-4..3e-2
     (clipped to the backbone: rank at most the hidden size); only the knobs ``method`` reads."""
     full = {
         "num_prompts": ParamSpec(type="int", low=1, high=256, log=True),

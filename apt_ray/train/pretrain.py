@@ -4,9 +4,9 @@ and for two-stream backbones (METER) image-text contrast between their encoders 
 The embedded default needs a backbone that already links words to pixels, or
 prompt tuning on top of it would show nothing. METER starts from CLIP, whose
 encoders are aligned already; the tiny METER starts from random encoders, and
-with MLM and ITM alone its matching head stayed at chance for 600 steps (val
-matching accuracy 0.48) while the contrastive term got it to 0.95 in the same
-steps. ``ensure_pretrained`` builds one
+with MLM and ITM alone its matching head stays near chance after 600 steps
+(validation matching accuracy 0.48), while the contrastive term brings it to 0.95
+in the same number of steps. ``ensure_pretrained`` builds one
 on first use (reproducibly from its seed) and caches it; concurrent callers
 wait on a file lock, and the cache entry is written aside then renamed.
 """
@@ -30,8 +30,9 @@ from apt_ray.errors import UserError
 from apt_ray.models.presets import build_backbone, get_preset
 from apt_ray.train.schedule import warmup_then_decay
 
-# 2: tiny-meter without dropout; 3: image-text contrast for two-stream backbones; 4: each family's own image
-# processor (tiny-meter: CLIP's mean/std), saved with the weights together with the tokenizer
+# Part of the cache key: a cached backbone of another version is rebuilt. Version 4 is tiny-meter without dropout,
+# image-text contrast for two-stream backbones, and each family's own image processor (tiny-meter: CLIP's
+# mean/std), saved with the weights together with the tokenizer.
 PRETRAIN_VERSION = 4
 DEFAULT_STEPS = 600
 MLM_PROB = 0.15

@@ -124,7 +124,7 @@ def _independent_worker(args: tuple[Any, int, int, int, Any]) -> float:
 def independent_ceiling(cfg: TrainConfig, counts: Sequence[int], steps: int = 30, warmup: int = 3) -> dict[int, float]:
     """Samples/s of W independent single-thread processes, each stepping its share of the global batch at once
     (forward, backward, clipping and the AdamW update; no communication, no Ray): the most any data-parallel run
-    could reach on this machine."""
+    could reach on the same machine."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")

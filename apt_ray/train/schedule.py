@@ -41,7 +41,8 @@ def build_optimizer(
 def warmup_then_decay(optimizer: Optimizer, warmup_steps: int, total_steps: int, shape: str = "cosine") -> LambdaLR:
     """Linear warm-up over ``warmup_steps``, then ``linear`` or ``cosine`` decay to zero at ``total_steps``: the
     schedules of transformers' ``get_linear_schedule_with_warmup`` / ``get_cosine_schedule_with_warmup`` on
-    torch's ``LambdaLR`` (importing ``transformers.optimization`` pulls in peft, seconds per training process)."""
+    torch's ``LambdaLR``, not imported from ``transformers.optimization``, which pulls in peft and costs
+    seconds in every training process."""
 
     def factor(step: int) -> float:
         if step < warmup_steps:
