@@ -31,44 +31,56 @@ def _image_hw(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"'{text}' is not an image size: use HxW (e.g. 384x384) or one number") from None
 
 
-def _add_method_args(p: argparse.ArgumentParser) -> None:
-    from apt_ray.methods.spec import METHOD_NAMES
+def _knob_flag(p: argparse.ArgumentParser, knob: str, info, users: list[str]) -> None:
+    """One ``apt-ray profile`` flag for a registered knob, typed from its declaration (values are validated by
+    ``MethodSpec``, i.e. by the method's config, so a bad value gives the usual one-paragraph message)."""
+    import types
+    import typing
 
-    p.add_argument("--method", default="apt", help=f"one of: {', '.join(METHOD_NAMES)} (default apt)")
-    p.add_argument("--num-prompts", type=int, default=None, help="prompts per site (apt, deep_prompt, kv_prompt)")
-    p.add_argument("--rank", type=int, default=None, help="APT approximation rank / LoRA rank")
-    p.add_argument("--depth", type=int, default=None, help="number of layers carrying the method (default all)")
-    p.add_argument("--placement", default=None, help="bottom (first D layers) or top (last D layers)")
-    p.add_argument("--layers", type=_layers, default=None, help="explicit comma-separated layer indices")
-    p.add_argument("--sites", choices=("all", "self", "cross"), default=None,
-                   help="attention sites of the chosen layers (default: the method's released layout on this backbone)")
-    p.add_argument("--no-project-queries", dest="project_queries", action="store_false", default=None,
-                   help="deep_prompt: do not project the prompts through W_q")
-    p.add_argument("--reparam-hidden", type=int, default=None, help="deep_prompt: OFA-PT prefix encoder width")
-    p.add_argument("--num-visual-prompts", type=int, default=None, help="kv_prompt: visual prompts")
-    p.add_argument("--no-shared-kv", dest="shared_kv", action="store_false", default=None,
-                   help="kv_prompt: separate key and value prompts (E2VPT's default shares one tensor)")
-    p.add_argument("--no-deep-visual-prompts", dest="deep_visual_prompts", action="store_false", default=None,
-                   help="kv_prompt: visual prompts at the input only (E2VPT's default: a new set at every image-encoder layer)")
-    p.add_argument("--adapter-dim", type=int, default=None, help="adapter bottleneck width")
-    p.add_argument("--train-extras", type=_names, default=None,
-                   help="backbone parts trained besides the method, comma-separated from pooler,token_type,cls_token ('' for none; default: all three)")
+    ann = info.annotation
+    args = [a for a in typing.get_args(ann) if a is not type(None)] if typing.get_origin(ann) in (typing.Union, types.UnionType) else [ann]
+    kind = args[0] if len(args) == 1 else str
+    flag = "--" + knob.replace("_", "-")
+    help_text = (info.description or knob).replace("%", "%%")
+    if users and not any(help_text.startswith(f"{u}:") for u in users):
+        help_text = f"{'/'.join(users)}: {help_text}"  # which methods read it, unless the description says so
+    if kind is bool:
+        default = "" if info.default is None else f" (default: {'on' if info.default else 'off'})"
+        p.add_argument(flag, dest=knob, action=argparse.BooleanOptionalAction, default=None, help=help_text + default)
+        return
+    origin = typing.get_origin(kind)
+    if origin is list:
+        item = (typing.get_args(kind) or (str,))[0]
+        p.add_argument(flag, dest=knob, type=_layers if item is int else _names, default=None,
+                       help=help_text + " (comma-separated" + (", '' for none)" if item is not int else ")"))
+        return
+    if origin is typing.Literal:
+        p.add_argument(flag, dest=knob, default=None, metavar="{" + ",".join(map(str, typing.get_args(kind))) + "}", help=help_text)
+        return
+    p.add_argument(flag, dest=knob, type=kind if kind in (int, float) else str, default=None,
+                   metavar=knob.upper(), help=help_text + ("" if info.default is None else f" (default: {info.default})"))
+
+
+def _add_method_args(p: argparse.ArgumentParser) -> None:
+    """``--method`` and one flag per knob of the registered methods (see :mod:`apt_ray.methods.registry`)."""
+    from apt_ray.methods import registry
+
+    names = registry.method_names()
+    p.add_argument("--method", default="apt", help=f"one of: {', '.join(names)} (default apt)")
+    g = p.add_argument_group("method knobs", "each method's knobs (declared in its config; unset: the method's default)")
+    for knob, info in registry.knob_fields().items():
+        users = registry.knob_users(knob)
+        _knob_flag(g, knob, info, users if len(users) < len(names) else [])
 
 
 def method_spec_from_args(args: argparse.Namespace):
-    from apt_ray.methods.spec import METHOD_NAMES, MethodSpec
+    from apt_ray.methods import registry
+    from apt_ray.methods.spec import MethodSpec
 
-    if args.method not in METHOD_NAMES:
-        raise UserError(f"unknown method '{args.method}': choose one of {', '.join(METHOD_NAMES)}.")
-    fields = {
-        "name": args.method, "num_prompts": args.num_prompts, "rank": args.rank, "depth": args.depth,
-        "placement": args.placement, "layers": args.layers, "reparam_hidden": args.reparam_hidden,
-        "num_visual_prompts": args.num_visual_prompts, "adapter_dim": args.adapter_dim, "sites": args.sites,
-        "project_queries": args.project_queries, "train_extras": args.train_extras, "shared_kv": args.shared_kv,
-        "deep_visual_prompts": args.deep_visual_prompts,
-    }
+    registry.get_method(args.method)  # UserError with the registered names (and a did-you-mean)
+    fields = {k: getattr(args, k, None) for k in registry.knob_fields()}
     try:
-        return MethodSpec(**{k: v for k, v in fields.items() if v is not None})
+        return MethodSpec(name=args.method, **{k: v for k, v in fields.items() if v is not None})
     except ValidationError as e:
         raise UserError(validation_message(e, list(MethodSpec.model_fields))) from None
 
@@ -164,13 +176,14 @@ def format_result(result: dict) -> str:
 
 def _pretrain(args: argparse.Namespace) -> int:
     from apt_ray.config import build_train_config
+    from apt_ray.models.presets import get_preset
     from apt_ray.train.pretrain import DEFAULT_STEPS, ensure_pretrained, pretrain, pretrained_dir
 
     overrides = {"model": args.model}
     if args.data_path:
         overrides["data_path"] = args.data_path
     cfg = build_train_config(None, overrides)
-    if not cfg.model.startswith("tiny-"):
+    if not get_preset(cfg.model).self_pretrained:
         raise UserError(f"apt-ray pretrain builds the tiny presets only; {cfg.model} loads real weights with checkpoint=...")
     steps = DEFAULT_STEPS if args.steps is None else args.steps
     if steps < 1:

@@ -14,7 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from apt_ray.data.spec import DataSpec
 from apt_ray.errors import UserError, validation_message
-from apt_ray.methods.spec import ExtraName, MethodName, MethodSpec, SiteChoice
+from apt_ray.methods import registry as method_registry
+from apt_ray.methods.spec import MethodName, MethodSpec
 from apt_ray.models.preprocessing import resolve_image_processor, resolve_tokenizer
 from apt_ray.models.presets import get_preset
 from apt_ray.train.recipes import RECIPES, get_recipe
@@ -35,25 +36,9 @@ class TrainConfig(BaseModel):
     pretrained: bool = Field(True, description="tiny presets without checkpoint: use the self-pretrained backbone")
     tokenizer: str | None = Field(None, description="text tokenizer dir or hub id (default: the checkpoint's own; required with a METER .ckpt: roberta-base)")
     image_processor: str | None = Field(None, description="image processor dir or hub id (default: the checkpoint's own, else the backbone's standard one)")
-    # method (see MethodSpec)
+    # method: the registered method's name; its knobs (num_prompts, rank, depth, ...) are generated from the
+    # registered methods' configs right after this field (see apt_ray.methods.registry and the sync below)
     method: MethodName = "apt"
-    num_prompts: int = Field(16, ge=1)
-    rank: int = Field(4, ge=1)
-    depth: int | None = Field(None, ge=1)
-    placement: Literal["bottom", "top"] = "bottom"
-    layers: list[int] | None = None
-    sites: SiteChoice | None = None
-    reparam_hidden: int | None = Field(None, ge=1)
-    reparam_dropout: float = Field(0.2, ge=0, lt=1)
-    project_queries: bool | None = None
-    train_scale: bool | None = None
-    shared_kv: bool = True
-    num_visual_prompts: int = Field(8, ge=0)
-    deep_visual_prompts: bool = True
-    adapter_dim: int = Field(32, ge=1)
-    lora_alpha: float = Field(8.0, gt=0)
-    lora_dropout: float = Field(0.0, ge=0, lt=1)
-    train_extras: list[ExtraName] | None = Field(None, description="backbone parts trained besides the method (default: pooler, token_type, cls_token)")
     # data
     data: Literal["synthetic", "vqav2_arrow", "hf"] = "synthetic"
     data_path: str | None = None
@@ -122,12 +107,13 @@ class TrainConfig(BaseModel):
         METER's centre crop) are counted as they train; ViLT's real images vary per batch, so the preset's reference."""
         preset = get_preset(self.model)
         size = self.image_size or preset.image_size
-        if preset.family == "vilt" and self.data != "synthetic":
+        if preset.processor == "vilt" and self.data != "synthetic":
             h, w = preset.image_hw
             return (h, w), f"ViLT images vary in shape per batch (shorter side {size}); the profile counts the reference {h}x{w}"
         return (size, size), f"{size}x{size}, as trained"
 
     def method_spec(self) -> MethodSpec:
+        """The trial's method and every knob (the flat keys of this config)."""
         keys = [k for k in MethodSpec.model_fields if k != "name"]
         try:
             return MethodSpec(name=self.method, **{k: getattr(self, k) for k in keys})
@@ -152,8 +138,12 @@ class TrainConfig(BaseModel):
             seed=self.seed, world_size=world_size, rank=rank,
             tokenizer=resolve_tokenizer(preset.family, self.checkpoint, self.tokenizer, pretrained_dir),
             image_processor=resolve_image_processor(self.checkpoint, self.image_processor, pretrained_dir),
-            processor_family=preset.family, patch_size=preset.patch_size,
+            processor_family=preset.processor, patch_size=preset.patch_size,
         )
+
+
+# One field per registered knob, after ``method``; kept in step with registrations made later (plug-ins, tests).
+method_registry.on_registry_change(lambda: method_registry.sync_knob_fields(TrainConfig, after="method"))
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

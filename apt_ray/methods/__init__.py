@@ -1,34 +1,45 @@
-"""Parameter-efficient methods, applied to a model's attention sites."""
+"""Parameter-efficient methods, applied to a model's attention sites.
+
+Methods are registered in :mod:`apt_ray.methods.registry` (the built-in ones by :mod:`apt_ray.methods.configs`);
+importing this package is light (no torch): implementations are imported when a method is applied.
+"""
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Any
 
-from apt_ray.methods import adapter, apt, deep_prompt, kv_prompt, lora, probe
-from apt_ray.methods.base import AppliedMethod, resolve_extras, train_extras
-from apt_ray.methods.spec import METHOD_NAMES, MethodSpec
-from apt_ray.models.vqa import VQAModel
+from apt_ray.methods.registry import (
+    MethodConfig, Search, get_method, method_names, register_method, registered_method, unregister_method,
+)
+from apt_ray.methods.spec import MethodSpec
 
-REGISTRY: dict[str, Callable[[VQAModel, MethodSpec], AppliedMethod]] = {
-    "apt": apt.apply,
-    "deep_prompt": deep_prompt.apply,
-    "kv_prompt": kv_prompt.apply,
-    "lora": lora.apply,
-    "adapter": adapter.apply,
-    "linear_probe": probe.apply_linear_probe,
-    "head_only": probe.apply_head_only,
-    "full": probe.apply_full,
-}
-assert set(REGISTRY) == set(METHOD_NAMES)
+if TYPE_CHECKING:
+    from apt_ray.methods.base import AppliedMethod
+    from apt_ray.models.vqa import VQAModel
 
 
-def apply(model: VQAModel, spec: MethodSpec) -> AppliedMethod:
+def apply(model: "VQAModel", spec: MethodSpec) -> "AppliedMethod":
     """Freeze the backbone, inject the method at the sites its placement picks, and unfreeze the backbone extras
     the spec trains (by default the APT authors' set: poolers, token-type embeddings, a learnable [CLS])."""
-    applied = REGISTRY[spec.name](model, spec)
+    from apt_ray.methods.base import resolve_extras, train_extras
+
+    applied = get_method(spec.name).load_apply()(model, spec)
     applied.extras = train_extras(model, resolve_extras(spec))
     applied.groups = model.trainable_groups(applied.extras)
     return applied
 
 
-__all__ = ["AppliedMethod", "MethodSpec", "METHOD_NAMES", "REGISTRY", "apply"]
+def __getattr__(attr: str) -> Any:
+    if attr == "METHOD_NAMES":
+        return method_names()
+    if attr == "REGISTRY":  # name -> apply function (imports every implementation)
+        return {name: get_method(name).load_apply() for name in method_names()}
+    if attr == "AppliedMethod":
+        from apt_ray.methods.base import AppliedMethod
+
+        return AppliedMethod
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
+
+
+__all__ = ["AppliedMethod", "MethodConfig", "MethodSpec", "METHOD_NAMES", "REGISTRY", "Search", "apply", "get_method",
+           "method_names", "register_method", "registered_method", "unregister_method"]

@@ -9,7 +9,7 @@ from torch import nn
 
 from apt_ray.errors import UserError
 from apt_ray.methods.sites import AttentionSite, FFNSite, resolve_layers, select_sites
-from apt_ray.methods.spec import AUTHORS_EXTRAS, MethodSpec
+from apt_ray.methods.spec import MethodSpec
 from apt_ray.models.vqa import VQAModel
 
 
@@ -84,11 +84,13 @@ def prepare(
         p.requires_grad_(False)
     for p in model.head.parameters():
         p.requires_grad_(True)
-    if spec.name in ("apt", "lora") and spec.rank > backbone.hidden_size:
-        raise UserError(
-            f"rank {spec.rank} is above the hidden size {backbone.hidden_size} of this backbone: "
-            f"use a rank between 1 and {backbone.hidden_size}."
-        )
+    for knob in spec.entry.config.bounded_by_hidden:
+        value = getattr(spec, knob)
+        if value is not None and value > backbone.hidden_size:
+            raise UserError(
+                f"{knob} {value} is above the hidden size {backbone.hidden_size} of this backbone: "
+                f"use a {knob} between 1 and {backbone.hidden_size}."
+            )
     all_sites = backbone.attention_sites()
     available = sorted({s.kind for s in all_sites})
     if spec.sites != "all" and spec.sites not in available:
@@ -101,16 +103,13 @@ def prepare(
     return spec, layers, select_sites(all_sites, layers, kinds)
 
 
-# Methods whose definition leaves the rest of the backbone alone: a linear probe reads frozen features, and full
-# fine-tuning already trains every backbone part.
-NO_EXTRAS = ("linear_probe", "full")
-
-
 def resolve_extras(spec: MethodSpec) -> tuple[str, ...]:
-    """The backbone extras a spec trains: its ``train_extras``, else the authors' set (none for NO_EXTRAS)."""
+    """The backbone extras a spec trains: its ``train_extras``, else its method config's ``default_extras`` (the
+    authors' set; none for methods whose definition leaves the rest of the backbone alone: a linear probe reads
+    frozen features, and full fine-tuning already trains every backbone part)."""
     if spec.train_extras is not None:
         return tuple(dict.fromkeys(spec.train_extras))
-    return () if spec.name in NO_EXTRAS else AUTHORS_EXTRAS
+    return tuple(spec.entry.config.default_extras)
 
 
 def train_extras(model: VQAModel, extras: tuple[str, ...]) -> tuple[str, ...]:

@@ -20,13 +20,16 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import CLIPVisionConfig, CLIPVisionModel, PretrainedConfig, RobertaConfig, RobertaModel
-from transformers.models.bert.modeling_bert import BertIntermediate, BertOutput, BertSelfOutput
+from transformers import CLIPVisionConfig, PretrainedConfig, RobertaConfig
 
 from apt_ray.errors import UserError
 from apt_ray.methods.sites import AttentionSite, FFNSite, SiteAttention
 from apt_ray.models.attention import site_attention
 from apt_ray.models.output import BackboneOutput
+from apt_ray.models.registry import TINY_VOCAB, Preset, register_backbone, register_preset
+
+# transformers' modeling code (CLIP, RoBERTa, BERT blocks) is imported when a model is built, not when the
+# presets are looked up.
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -193,6 +196,8 @@ class MeterAttention(SiteAttention):
     """
 
     def __init__(self, config: MeterConfig) -> None:
+        from transformers.models.bert.modeling_bert import BertSelfOutput
+
         super().__init__()
         self.self = MeterQKV(config)
         self.output = BertSelfOutput(config)  # dense (W_o) / dropout / LayerNorm
@@ -216,6 +221,8 @@ class MeterCrossLayer(nn.Module):
     """One co-attention layer of one stream: self-attention, cross-attention, FFN (METER's BertCrossLayer)."""
 
     def __init__(self, config: MeterConfig) -> None:
+        from transformers.models.bert.modeling_bert import BertIntermediate, BertOutput
+
         super().__init__()
         self.attention = MeterAttention(config)
         self.crossattention = MeterAttention(config)
@@ -249,6 +256,15 @@ def _key_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     return attention_mask.bool()[:, None, None, :]
 
 
+def _load_official_checkpoint(model: "MeterBackbone", path: Path) -> None:
+    """An official METER ``.ckpt`` (PyTorch Lightning) into ``model`` (see :mod:`apt_ray.models.meter_convert`)."""
+    from apt_ray.models.meter_convert import load_meter_checkpoint
+
+    load_meter_checkpoint(model, path)
+
+
+@register_backbone("meter", model_type="apt_ray_meter", processor="meter", tokenizer="roberta-base",
+                   file_checkpoints={".ckpt": _load_official_checkpoint})
 class MeterBackbone(nn.Module):
     """Two-stream METER: CLIP-ViT image tokens and RoBERTa text tokens fused by co-attention.
 
@@ -258,12 +274,15 @@ class MeterBackbone(nn.Module):
     """
 
     family = "meter"
+    config_class = MeterConfig
     # The APT authors' released METER code: deep prompts join the keys and values of cross-attention only,
     # through W_k and W_v (no query projection); APT's output scale stays frozen.
     method_layouts = {"deep_prompt": {"sites": "cross", "project_queries": False}, "apt": {"train_scale": False}}
     base_model_prefix = ""  # read by peft (LoRA) on models whose config has a model_type
 
     def __init__(self, config: MeterConfig) -> None:
+        from transformers import CLIPVisionModel, RobertaModel
+
         super().__init__()
         config.validate()
         self.config = config
@@ -543,3 +562,18 @@ class MeterBackbone(nn.Module):
     ) -> torch.Tensor:
         """Pooled multimodal features (B, 2 * hidden)."""
         return self.encode(input_ids, attention_mask, pixel_values, pixel_mask).pooled
+
+
+def _meter_paper_config(vocab_size: int | None = None, pad_token_id: int | None = None) -> MeterConfig:
+    return meter_clip16_roberta_config()
+
+
+def _tiny_meter_config(vocab_size: int | None = None, pad_token_id: int | None = None) -> MeterConfig:
+    return tiny_meter_config(vocab_size=vocab_size or TINY_VOCAB, pad_token_id=pad_token_id or 0)
+
+
+# METER's forward has no data-dependent control flow: its profiles run on the meta device.
+register_preset(Preset("meter-clip16-roberta", "meter", 50, (384, 384), 16, _meter_paper_config,
+                       "METER (CLIP-ViT-B/16 + RoBERTa, 6 fusion layers), 50 text + 577 image tokens", meta_profile=True))
+register_preset(Preset("tiny-meter", "meter", 24, (64, 64), 8, _tiny_meter_config, "CPU-sized METER for the embedded default",
+                       self_pretrained=True, meta_profile=True))

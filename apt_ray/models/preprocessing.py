@@ -14,8 +14,17 @@ from apt_ray.errors import UserError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")
 PROCESSOR_FILE = "preprocessor_config.json"
-# The tokenizer each family was pretrained with (what a user should pass when a checkpoint has none).
-FAMILY_TOKENIZER = {"vilt": "bert-base-uncased", "meter": "roberta-base"}
+
+
+def family_tokenizer(family: str) -> str | None:
+    """The tokenizer a backbone family was pretrained with (its registered ``tokenizer``): what a user should pass
+    when a checkpoint has none."""
+    from apt_ray.models.registry import get_backbone
+
+    try:
+        return get_backbone(family).tokenizer
+    except UserError:
+        return None
 
 
 def has_tokenizer(directory: Path) -> bool:
@@ -38,7 +47,7 @@ def resolve_tokenizer(family: str, checkpoint: str | None, tokenizer: str | None
         path = Path(checkpoint).expanduser()
         if path.suffix == ".ckpt":
             raise UserError(
-                f"checkpoint '{checkpoint}' is a METER .ckpt, which holds no tokenizer: pass tokenizer={FAMILY_TOKENIZER['meter']} "
+                f"checkpoint '{checkpoint}' is a METER .ckpt, which holds no tokenizer: pass tokenizer={family_tokenizer('meter')} "
                 "(a hub id) or tokenizer=<directory with RoBERTa's tokenizer files>, the tokenizer METER's text encoder was trained with."
             )
         if not _is_local(checkpoint):
@@ -54,7 +63,7 @@ def resolve_tokenizer(family: str, checkpoint: str | None, tokenizer: str | None
             return str(path)
         raise UserError(
             f"checkpoint directory '{checkpoint}' has no tokenizer files ({', '.join(TOKENIZER_FILES)}): pass "
-            f"tokenizer=<directory or hub id> ({FAMILY_TOKENIZER.get(family, 'the one the checkpoint was trained with')} for {family}), "
+            f"tokenizer=<directory or hub id> ({family_tokenizer(family) or 'the one the checkpoint was trained with'} for {family}), "
             "or save the tokenizer into the checkpoint directory with save_pretrained."
         )
     if pretrained_dir is not None and has_tokenizer(pretrained_dir):

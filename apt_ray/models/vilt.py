@@ -3,15 +3,38 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from transformers import ViltConfig, ViltModel
-from transformers.models.vilt.modeling_vilt import ViltAttention
+from transformers import ViltConfig
 
 from apt_ray.methods.sites import AttentionSite, FFNSite, SiteAttention
 from apt_ray.models.attention import site_attention
 from apt_ray.models.output import BackboneOutput
+from apt_ray.models.registry import TINY_VOCAB, Preset, register_backbone, register_preset
+
+if TYPE_CHECKING:  # transformers' modeling code is imported when a model is built, not when presets are looked up
+    from transformers import ViltModel
+    from transformers.models.vilt.modeling_vilt import ViltAttention
+
+
+def vilt_b32_config(vocab_size: int | None = None, pad_token_id: int | None = None) -> ViltConfig:
+    """ViLT-B/32 (BERT-base width, 12 layers, patch 32); 40 text positions."""
+    # 40 text tokens; a 320x640 image at patch 32 gives exactly the paper's 200 patches.
+    return ViltConfig(
+        vocab_size=vocab_size or 30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+        intermediate_size=3072, image_size=384, patch_size=32, max_position_embeddings=40, max_image_length=-1,
+    )
+
+
+def tiny_vilt_config(vocab_size: int | None = None, pad_token_id: int | None = None) -> ViltConfig:
+    """CPU-sized ViLT: width 128, 4 layers, patch 8, 24 text positions, no dropout."""
+    return ViltConfig(
+        vocab_size=vocab_size or TINY_VOCAB, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+        intermediate_size=256, image_size=64, patch_size=8, max_position_embeddings=24, max_image_length=-1,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
 
 
 class ViltSiteAttention(SiteAttention):
@@ -39,6 +62,7 @@ class ViltSiteAttention(SiteAttention):
         return (self.output.dropout(out),)
 
 
+@register_backbone("vilt", model_type="vilt", processor="vilt", tokenizer="bert-base-uncased")
 class ViltBackbone(nn.Module):
     """Single-stream ViLT: text tokens, image CLS and patches share one transformer.
 
@@ -46,11 +70,17 @@ class ViltBackbone(nn.Module):
     """
 
     family = "vilt"
+    config_class = ViltConfig
+    method_layouts: dict[str, dict] = {}  # the generic layouts (all sites, queries projected) are ViLT's released ones
 
     def __init__(self, config: ViltConfig, vilt: ViltModel | None = None) -> None:
         super().__init__()
         self.config = config
-        self.vilt = vilt if vilt is not None else ViltModel(config, add_pooling_layer=True)
+        if vilt is None:
+            from transformers import ViltModel
+
+            vilt = ViltModel(config, add_pooling_layer=True)
+        self.vilt = vilt
         for layer in self.vilt.encoder.layer:
             if not isinstance(layer.attention, ViltSiteAttention):
                 layer.attention = ViltSiteAttention(layer.attention, config.num_attention_heads, layer.layernorm_before)
@@ -61,6 +91,7 @@ class ViltBackbone(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | Path) -> "ViltBackbone":
+        from transformers import ViltModel
         from transformers.utils import logging as hf_logging
 
         shown = hf_logging.is_progress_bar_enabled()
@@ -186,3 +217,13 @@ class ViltBackbone(nn.Module):
     @property
     def pooled_size(self) -> int:
         return self.config.hidden_size
+
+
+register_preset(Preset(
+    "vilt-b32", "vilt", 40, (320, 640), 32, vilt_b32_config,
+    "ViLT-B/32 at the paper's VQA shapes (40 text + 200 patches + CLS); images: shorter side 384, longer at most 640",
+    processor_size=384,
+))
+# ViLT's patch sampling (pixel-mask dependent) does not run on the meta device: its profile runs on the CPU.
+register_preset(Preset("tiny-vilt", "vilt", 24, (64, 64), 8, tiny_vilt_config, "CPU-sized ViLT for the embedded default",
+                       self_pretrained=True))

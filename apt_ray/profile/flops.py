@@ -114,9 +114,9 @@ def profile(
     image_hw = tuple(image_hw or preset.image_hw)
     image_tokens = (image_hw[0] // preset.patch_size) * (image_hw[1] // preset.patch_size) + 1
     torch.manual_seed(seed)
-    # Counting needs shapes, not values: METER runs on the meta device (no memory, no compute).
-    # ViLT's patch sampling is data-dependent, so it runs on the CPU.
-    device = torch.device("meta") if preset.family == "meter" else torch.device("cpu")
+    # Counting needs shapes, not values: a preset whose forward runs on the meta device (METER) is counted there
+    # (no memory, no compute); others (ViLT: its patch sampling is data-dependent) run on the CPU.
+    device = torch.device("meta") if preset.meta_profile else torch.device("cpu")
     with device:
         vqa = VQAModel(build_backbone(model, config=config), num_answers)
         backbone = vqa.backbone

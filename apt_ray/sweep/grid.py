@@ -12,11 +12,14 @@ import itertools
 from typing import Any, Sequence
 
 from apt_ray.errors import UserError
-from apt_ray.methods.spec import METHOD_NAMES
+from apt_ray.methods import registry
 from apt_ray.sweep.space import ParamSpec
 from apt_ray.sweep.spec import StudySpec, check_spec
 
-PROMPT_METHODS = ("apt", "deep_prompt", "kv_prompt")
+
+def prompt_methods() -> tuple[str, ...]:
+    """The registered methods with prompts (those whose config declares ``num_prompts``)."""
+    return tuple(registry.knob_users("num_prompts"))
 
 
 def grid_points(axes: dict[str, Sequence[Any]]) -> list[dict[str, Any]]:
@@ -54,13 +57,14 @@ def prompt_length_spec(
     workers: int = 1,
 ) -> StudySpec:
     """The prompt-length grid: methods x prompt counts (x seeds) at one rank and depth."""
-    unknown = [m for m in methods if m not in METHOD_NAMES]
+    with_prompts = prompt_methods()
+    unknown = [m for m in methods if m not in registry.method_names()]
     if unknown:
-        raise UserError(f"unknown method {', '.join(map(repr, unknown))}: a prompt-length grid compares {', '.join(PROMPT_METHODS)}.")
-    no_prompts = [m for m in methods if m not in PROMPT_METHODS]
+        raise UserError(f"unknown method {', '.join(map(repr, unknown))}: a prompt-length grid compares {', '.join(with_prompts)}.")
+    no_prompts = [m for m in methods if m not in with_prompts]
     if no_prompts:
         raise UserError(f"{', '.join(no_prompts)} has no prompts, so a prompt-count grid says nothing about it: "
-                        f"use {', '.join(PROMPT_METHODS)}.")
+                        f"use {', '.join(with_prompts)}.")
     bad = [p for p in prompts if isinstance(p, bool) or not isinstance(p, int) or p < 1]
     if bad:
         raise UserError(f"prompt counts must be positive whole numbers, got {', '.join(map(str, bad))}.")

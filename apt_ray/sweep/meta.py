@@ -58,7 +58,7 @@ def _cost(model: str, spec_json: str, text_len: int, image_hw: tuple[int, int], 
     spec = MethodSpec.model_validate_json(spec_json)
     preset = get_preset(model)
     image_tokens = (image_hw[0] // preset.patch_size) * (image_hw[1] // preset.patch_size) + 1
-    config = None if config_json is None else type(preset.make_config(None, None)).from_dict(json.loads(config_json))
+    config = None if config_json is None else preset.backbone.config_from_dict(json.loads(config_json))
     with torch.device("meta"):
         vqa = VQAModel(build_backbone(model, config=config), 2)
         applied = methods.apply(vqa, spec)

@@ -58,31 +58,14 @@ class ParamSpec(BaseModel):
         return f"{self.type} {lo:g}..{hi:g}" + (" (log)" if self.log else "")
 
 
-# Which method uses which knob: the default space samples only what the method reads.
-_USES: dict[str, tuple[str, ...]] = {
-    "apt": ("num_prompts", "rank", "depth", "placement", "lr"),
-    "deep_prompt": ("num_prompts", "depth", "placement", "lr"),
-    "kv_prompt": ("num_prompts", "depth", "placement", "lr"),
-    "lora": ("rank", "depth", "placement", "lr"),
-    "adapter": ("adapter_dim", "depth", "placement", "lr"),
-    "linear_probe": ("lr",),
-    "head_only": ("lr",),
-    "full": ("lr",),
-}
-
-
 def default_space(method: str, num_layers: int, hidden_size: int) -> dict[str, ParamSpec]:
-    """The default space: prompts log 1..256, rank log 1..64, depth 1..layers, placement, lr log 1e-4..3e-2
-    (clipped to the backbone: rank at most the hidden size); only the knobs ``method`` reads."""
-    full = {
-        "num_prompts": ParamSpec(type="int", low=1, high=256, log=True),
-        "rank": ParamSpec(type="int", low=1, high=min(64, hidden_size), log=True),
-        "adapter_dim": ParamSpec(type="int", low=1, high=min(256, hidden_size), log=True),
-        "depth": ParamSpec(type="int", low=1, high=num_layers),
-        "placement": ParamSpec(type="categorical", choices=["bottom", "top"]),
-        "lr": ParamSpec(type="float", low=1e-4, high=3e-2, log=True),
-    }
-    return {k: full[k] for k in _USES[method]}
+    """The default space of ``method``: the ``searchable`` ranges it registered (see
+    :mod:`apt_ray.methods.registry`), on this backbone. The built-in methods search only the knobs they read, among
+    prompts log 1..256, rank log 1..min(64, hidden), adapter width log 1..min(256, hidden), depth 1..layers,
+    placement, and lr log 1e-4..3e-2."""
+    from apt_ray.methods.registry import get_method
+
+    return {k: ParamSpec(**s.resolve(num_layers, hidden_size)) for k, s in get_method(method).searchable.items()}
 
 
 def optuna_distributions(space: dict[str, ParamSpec]) -> dict[str, Any]:

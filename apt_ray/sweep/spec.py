@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from apt_ray.config import TrainConfig, load_mapping
 from apt_ray.errors import UserError, validation_message
+from apt_ray.methods.registry import get_method
 from apt_ray.methods.spec import MethodName
 from apt_ray.sweep.space import ParamSpec, default_space
 
@@ -219,11 +220,13 @@ def _check_value(spec: StudySpec, name: str | None, value: Any, limits: Any) -> 
             f"{where}: depth {cfg.depth} is above the {limits.num_layers} layers of {spec.model} that can carry {cfg.method}: "
             f"use depth between 1 and {limits.num_layers}."
         )
-    if cfg.method in ("apt", "lora") and cfg.rank > limits.hidden_size:
-        raise UserError(
-            f"{where}: rank {cfg.rank} is above the hidden size {limits.hidden_size} of {spec.model}: "
-            f"use a rank between 1 and {limits.hidden_size}."
-        )
+    for knob in get_method(cfg.method).config.bounded_by_hidden:
+        value = getattr(cfg, knob)
+        if value is not None and value > limits.hidden_size:
+            raise UserError(
+                f"{where}: {knob} {value} is above the hidden size {limits.hidden_size} of {spec.model}: "
+                f"use a {knob} between 1 and {limits.hidden_size}."
+            )
     if cfg.layers is not None and any(i < 0 or i >= limits.num_layers for i in cfg.layers):
         raise UserError(f"{where}: layers {cfg.layers} name layers outside 0..{limits.num_layers - 1} of {spec.model}.")
 

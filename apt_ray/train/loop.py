@@ -77,7 +77,7 @@ def _inputs(batch: dict[str, torch.Tensor]) -> list[torch.Tensor | None]:
 
 def self_pretrained_backbone(cfg: TrainConfig) -> Path | None:
     """The cached self-pretrained tiny backbone this trial loads (built on first use), or None if it loads none."""
-    if cfg.checkpoint or not cfg.pretrained or not cfg.model.startswith("tiny-"):
+    if cfg.checkpoint or not cfg.pretrained or not get_preset(cfg.model).self_pretrained:
         return None
     if cfg.data != "synthetic":
         raise UserError(

@@ -27,7 +27,7 @@ from apt_ray.data.build import build_caption_loader, ensure_synthetic, load_toke
 from apt_ray.data.preprocess import load_image_processor
 from apt_ray.data.spec import DataSpec
 from apt_ray.errors import UserError
-from apt_ray.models.presets import build_backbone, get_preset
+from apt_ray.models.presets import build_backbone, get_preset, preset_names
 from apt_ray.train.schedule import warmup_then_decay
 
 # Part of the cache key: a cached backbone of another version is rebuilt. Version 4 is tiny-meter without dropout,
@@ -160,8 +160,10 @@ def pretrained_dir(model: str, spec: DataSpec, steps: int = DEFAULT_STEPS, seed:
 def ensure_pretrained(model: str, spec: DataSpec, steps: int = DEFAULT_STEPS, seed: int = 0, progress: bool = True,
                       device: str | torch.device = "cpu") -> Path:
     """The cached pretrained backbone for ``model`` on the synthetic set of ``spec``; built on first use (on ``device``)."""
-    if not model.startswith("tiny-"):
-        raise UserError(f"only the tiny presets are pretrained by apt_ray; for {model} pass checkpoint=... (a transformers directory, hub id or METER .ckpt).")
+    if not get_preset(model).self_pretrained:
+        ours = ", ".join(n for n in preset_names() if get_preset(n).self_pretrained)
+        raise UserError(f"only the tiny presets ({ours}) are pretrained by apt_ray; for {model} pass checkpoint=... "
+                        "(a transformers directory, hub id or METER .ckpt).")
     spec = spec.model_copy(update={"world_size": 1, "rank": 0})
     target = pretrained_dir(model, spec, steps, seed, device)
     if (target / "pretrain.json").is_file():
