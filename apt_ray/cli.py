@@ -165,11 +165,13 @@ def _write_json(path: str | None, data: dict) -> None:
 
 def format_result(result: dict) -> str:
     """The final metrics of a training run as a small table."""
-    keys = [("val VQA score", "val_vqa_score", "{:.2f}"), ("majority baseline", "majority_baseline", "{:.2f}"),
+    keys = [("val score", "val_score", "{:.2f}"), ("majority baseline", "majority_baseline", "{:.2f}"),
             ("additional GMACs", "additional_gmacs", "{:.4f}"), ("updated params", "updated_params", "{:,}"),
             ("trainable params", "trainable_params", "{:,}"), ("epochs", "epochs", "{}"), ("global step", "global_step", "{}"),
             ("samples/s", "samples_per_s", "{:.1f}"), ("restarts", "restarts", "{}")]
     rows = [(label, fmt.format(result[k])) for label, k, fmt in keys if k in result]
+    # the task's own metrics (the VQA task: its VQA accuracy), after the score
+    rows[1:1] = [(k, f"{v:.2f}") for k, v in result.items() if k.startswith("val_") and k != "val_score" and isinstance(v, float)]
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"{a:<{width}}  {b}" for a, b in rows)
 

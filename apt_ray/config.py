@@ -18,6 +18,7 @@ from apt_ray.methods import registry as method_registry
 from apt_ray.methods.spec import MethodName, MethodSpec
 from apt_ray.models.preprocessing import resolve_image_processor, resolve_tokenizer
 from apt_ray.models.presets import get_preset
+from apt_ray.tasks.registry import TaskName
 from apt_ray.train.recipes import RECIPES, get_recipe
 
 
@@ -36,6 +37,8 @@ class TrainConfig(BaseModel):
     pretrained: bool = Field(True, description="tiny presets without checkpoint: use the self-pretrained backbone")
     tokenizer: str | None = Field(None, description="text tokenizer dir or hub id (default: the checkpoint's own; required with a METER .ckpt: roberta-base)")
     image_processor: str | None = Field(None, description="image processor dir or hub id (default: the checkpoint's own, else the backbone's standard one)")
+    # task: what the backbone is trained for (data, head, loss, metrics, score; see apt_ray.tasks)
+    task: TaskName = Field("vqa", description="the registered task: builds the data, the head, the loss and the score")
     # method: the registered method's name; its knobs (num_prompts, rank, depth, ...) are generated from the
     # registered methods' configs right after this field (see apt_ray.methods.registry and the sync below)
     method: MethodName = "apt"

@@ -58,7 +58,7 @@ def run_ray(config: dict[str, Any], threads: int) -> dict[str, Any]:
 def measured(res: dict[str, Any], t0: float, t1: float) -> dict[str, Any]:
     startup = res["started_unix"] - t0 + res["setup_s"]
     return {"startup_s": startup, "wall_s": t1 - t0, "samples_per_s": res["samples_per_s"], "threads": res["torch_threads"],
-            "val_vqa_score": res["val_vqa_score"], "global_step": res["global_step"]}
+            "val_score": res["val_score"], "global_step": res["global_step"]}
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             r = {"mode": mode, "repeat": i, **fn(config, args.threads)}
             rows.append(r)
             print(f"{mode:10s} #{i}: start-up {r['startup_s']:6.2f} s, wall {r['wall_s']:6.1f} s, "
-                  f"{r['samples_per_s']:6.1f} samples/s ({r['threads']} threads), val {r['val_vqa_score']:.2f}", flush=True)
+                  f"{r['samples_per_s']:6.1f} samples/s ({r['threads']} threads), val {r['val_score']:.2f}", flush=True)
     s = summarise(rows)
     print(f"\n{cfg.model} / {cfg.method}, {rows[0]['global_step']} steps, {args.threads} threads, medians of {args.repeats}:")
     print("| | start-up to first step (s) | trial wall time (s) | training samples/s |\n|---|---|---|---|")

@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     trained = pd.DataFrame([r for r in result.rows if r["status"] in ("finished", "stopped_early")])
     if len(trained):
         table = by_method_and_prompts(trained)
-        print("\n| method | prompts | val VQA score | additional GMACs |\n|---|---|---|---|")
+        print("\n| method | prompts | val score | additional GMACs |\n|---|---|---|---|")
         for _, r in table.iterrows():
             print(f"| {r['method']} | {int(r['num_prompts'])} | {r['score_mean']:.2f} | {r['gmacs']:.5f} |")
     if args.report and result.interrupted:

@@ -25,8 +25,13 @@ def frame() -> pd.DataFrame:
         for i, p in enumerate((4, 16, 64)):
             for seed in (0, 1):
                 rows.append({"method": method, "num_prompts": p, "rank": 4, "depth": 2, "seed": seed, "status": "finished",
-                             "additional_gmacs": slope * p, "val_vqa_score": score + 0.01 * (i + seed)})
+                             "additional_gmacs": slope * p, "val_score": score + 0.01 * (i + seed)})
     return pd.DataFrame(rows)
+
+
+def old_frame() -> pd.DataFrame:
+    """The same trials as runs of an older version logged them: the score under the VQA task's own name only."""
+    return frame().rename(columns={"val_score": "val_vqa_score"})
 
 
 # -- grid -------------------------------------------------------------------------------------
@@ -92,7 +97,7 @@ def test_pareto_front_has_no_dominated_point() -> None:
     assert len(front) >= 1
     assert set(front["method"]) == {"apt"}  # deep_prompt is both worse and dearer at every p
     for _, f in front.iterrows():
-        assert not ((df["val_vqa_score"] > f["val_vqa_score"]) & (df["additional_gmacs"] < f["additional_gmacs"])).any()
+        assert not ((df["val_score"] > f["val_score"]) & (df["additional_gmacs"] < f["additional_gmacs"])).any()
 
 
 def test_importance_from_runs_names_the_knob_that_drives_the_score() -> None:
@@ -104,7 +109,7 @@ def test_importance_from_runs_names_the_knob_that_drives_the_score() -> None:
 
 
 def test_importance_when_every_trial_scored_the_same_is_empty_with_a_reason() -> None:
-    df = frame().assign(val_vqa_score=40.0)
+    df = frame().assign(val_score=40.0)
     imp = from_runs(df)
     assert imp.values == {} and "scored the same" in imp.note and imp.trials == len(df)
 
@@ -115,6 +120,33 @@ def test_reading_states_the_cost_ratio_and_the_front() -> None:
     assert "At p=64, APT adds 0.33x the GMACs of deep prompting" in text
     assert "Pareto front" in text and "**method**" in text
     assert written_reading(df.iloc[0:0], df.iloc[0:0], from_runs(df.iloc[0:0])).startswith("No trial")
+
+
+def test_runs_of_older_versions_read_through_the_vqa_alias() -> None:
+    """Frames whose score column has the VQA task's old name give the same tables, front, importance and reading."""
+    new, old = frame(), old_frame()
+    assert "val_score" not in old
+    pd.testing.assert_frame_equal(tables.by_method_and_prompts(old), tables.by_method_and_prompts(new))
+    assert tables.front(old)["val_score"].tolist() == tables.front(new)["val_score"].tolist()
+    assert tables.trend(old, "apt") == tables.trend(new, "apt")
+    assert from_runs(old).values == pytest.approx(from_runs(new).values)
+    assert written_reading(old, tables.front(old), from_runs(old), epochs=1) == written_reading(new, tables.front(new), from_runs(new), epochs=1)
+
+
+def test_a_run_of_an_older_version_reads_its_score_through_the_vqa_alias() -> None:
+    """A child run that logged only val_vqa_score (older versions) reads back with val_score (sweep results, analysis)."""
+    from types import SimpleNamespace
+
+    from apt_ray.sweep.results import row_of
+
+    def run(metrics: dict) -> SimpleNamespace:
+        data = SimpleNamespace(tags={"trial_id": "t1", "status": "finished"}, params={"num_prompts": "4"},
+                               metrics={"additional_gmacs": 0.5, **metrics})
+        return SimpleNamespace(data=data, info=SimpleNamespace(run_name="t1", status="FINISHED", run_id="r1"))
+
+    assert row_of(run({"val_vqa_score": 41.5}))["val_score"] == 41.5
+    assert row_of(run({"val_vqa_score": 41.5, "val_score": 41.5}))["val_score"] == 41.5
+    assert row_of(run({}))["val_score"] is None
 
 
 # -- scaling arithmetic -----------------------------------------------------------------------------

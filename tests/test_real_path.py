@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from apt_ray.cli import main as apt_ray_main
+from apt_ray.models.task_model import TaskModel
 from apt_ray.models.vqa import VQAModel
 from tests.test_meter import official_state_dict
 
@@ -135,9 +136,9 @@ class Spy:
         import apt_ray.train.loop as loop
 
         self.calls: list[dict[str, torch.Tensor | None]] = []
-        self.model: VQAModel | None = None
+        self.model: TaskModel | None = None
         self.optimizer: torch.optim.Optimizer | None = None
-        forward, build = VQAModel.forward, loop.build_optimizer
+        forward, build = TaskModel.forward, loop.build_optimizer  # the loop builds a TaskModel (VQAModel inherits it)
 
         def spy_forward(model, input_ids, attention_mask, pixel_values, pixel_mask=None):  # noqa: ANN001
             if model is self.model:  # the trial's model (not the cost profile's copy)
@@ -150,7 +151,7 @@ class Spy:
             self.optimizer = build(model, *args, **kwargs)
             return self.optimizer
 
-        monkeypatch.setattr(VQAModel, "forward", spy_forward)
+        monkeypatch.setattr(TaskModel, "forward", spy_forward)
         monkeypatch.setattr(loop, "build_optimizer", spy_build)
 
 

@@ -99,6 +99,22 @@ def test_sync_history_writes_only_missing_epochs(tmp_path: Path) -> None:
     assert steps == [1, 2, 3] and sorted(m.step for m in t.client.get_metric_history(run_id, "global_step")) == [2, 3]
 
 
+def test_sync_history_writes_the_score_and_the_tasks_metrics(tmp_path: Path) -> None:
+    """Today's loop reports val_score and the task's own metrics (VQA: val_vqa_score): both are written; an epoch
+    an older version logged under the old name only counts as logged."""
+    from apt_ray.sweep.trial import sync_history
+
+    t = mt.Tracker(mt.check_tracking_uri(f"sqlite:///{tmp_path}/m.db"))
+    run_id = t.create_run(t.experiment_id("sync"), "t", {})
+    t.log_metrics(run_id, {"val_vqa_score": 1.0, "train_loss": 3.0}, step=1)  # epoch 1, by an older version
+    history = [{"epoch": e, "val_score": float(e), "val_vqa_score": float(e), "train_loss": 4.0 - e, "global_step": 6 * e,
+                "lr": 1e-3, "samples_per_s": 5.0} for e in (1, 2, 3)]
+    assert sync_history(t, run_id, history) == 2
+    assert sync_history(t, run_id, history) == 0
+    assert sorted(m.step for m in t.client.get_metric_history(run_id, "val_score")) == [2, 3]
+    assert sorted(m.step for m in t.client.get_metric_history(run_id, "val_vqa_score")) == [1, 2, 3]
+
+
 # -- safe defaults ---------------------------------------------------------------------------
 
 def test_pickled_checkpoint_is_refused_and_never_executed(tmp_path: Path) -> None:

@@ -65,7 +65,7 @@ def test_search_knows_which_trials_it_never_heard_the_end_of(tmp_path) -> None:
     search = BudgetedOptunaSearch(spec, optuna_storage(f"sqlite:///{tmp_path}/o.db"))
     search.set_search_properties(None, None, {})
     assert search.suggest("a") and search.suggest("b")
-    search.on_trial_complete("a", {"val_vqa_score": 50.0, "additional_gmacs": 0.01})
+    search.on_trial_complete("a", {"val_score": 50.0, "additional_gmacs": 0.01})
 
     class Grid:  # what Tune returns after Ctrl-C: both trials TERMINATED
         num_terminated, num_errors = 2, 0
@@ -75,5 +75,5 @@ def test_search_knows_which_trials_it_never_heard_the_end_of(tmp_path) -> None:
 
     assert search.untold() == ["b"]
     assert _interrupted(Grid(), spec, search)
-    search.on_trial_complete("b", {"val_vqa_score": 40.0, "additional_gmacs": 0.001})
+    search.on_trial_complete("b", {"val_score": 40.0, "additional_gmacs": 0.001})
     assert search.untold() == [] and not _interrupted(Grid(), spec, search)

@@ -8,11 +8,11 @@ import pytest
 
 from apt_ray.sweep.pareto import dominates, format_table, pareto_front
 
-M2, MODES2 = ["val_vqa_score", "additional_gmacs"], ["max", "min"]
+M2, MODES2 = ["val_score", "additional_gmacs"], ["max", "min"]
 
 
 def row(name: str, score: float, gmacs: float, **kw) -> dict:
-    return {"trial": name, "val_vqa_score": score, "additional_gmacs": gmacs, **kw}
+    return {"trial": name, "val_score": score, "additional_gmacs": gmacs, **kw}
 
 
 def test_dominance_respects_modes() -> None:
@@ -29,14 +29,14 @@ def test_two_objective_front() -> None:
 
 
 def test_rows_missing_an_objective_are_left_out() -> None:
-    rows = [row("ok", 10, 1), {"trial": "failed", "val_vqa_score": None, "additional_gmacs": 0.0},
+    rows = [row("ok", 10, 1), {"trial": "failed", "val_score": None, "additional_gmacs": 0.0},
             row("nan", math.nan, 0.0)]
     assert [r["trial"] for r in pareto_front(rows, M2, MODES2)] == ["ok"]
 
 
 def test_single_objective_front_is_the_best() -> None:
     rows = [row("a", 10, 1), row("b", 30, 9), row("c", 20, 0)]
-    assert [r["trial"] for r in pareto_front(rows, ["val_vqa_score"], ["max"])] == ["b"]
+    assert [r["trial"] for r in pareto_front(rows, ["val_score"], ["max"])] == ["b"]
     assert [r["trial"] for r in pareto_front(rows, ["additional_gmacs"], ["min"])] == ["c"]
 
 

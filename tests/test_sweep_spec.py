@@ -29,7 +29,7 @@ def refused(tmp_path: Path, data: dict, overrides: dict | None = None) -> str:
 def test_default_spec_has_the_issue_defaults() -> None:
     spec = load_study_spec(None)
     assert spec.model == "tiny-meter" and spec.method == "apt"
-    assert [(o.metric, o.mode) for o in spec.objectives] == [("val_vqa_score", "max"), ("additional_gmacs", "min")]
+    assert [(o.metric, o.mode) for o in spec.objectives] == [("val_score", "max"), ("additional_gmacs", "min")]
     space = spec.space()
     assert set(space) == {"num_prompts", "rank", "depth", "placement", "lr"}
     assert (space["num_prompts"].low, space["num_prompts"].high, space["num_prompts"].log) == (1, 256, True)
@@ -41,8 +41,18 @@ def test_default_spec_has_the_issue_defaults() -> None:
 
 
 def test_single_objective_uses_asha(tmp_path: Path) -> None:
-    spec = load_study_spec(write(tmp_path, {"objectives": [{"metric": "val_vqa_score", "mode": "max"}]}))
+    spec = load_study_spec(write(tmp_path, {"objectives": [{"metric": "val_score", "mode": "max"}]}))
     assert spec.use_asha()
+
+
+def test_old_study_files_name_the_score_by_its_vqa_alias(tmp_path: Path) -> None:
+    """Study files written before tasks were pluggable name the score val_vqa_score: it reads as val_score."""
+    spec = load_study_spec(write(tmp_path, {"objectives": [{"metric": "val_vqa_score", "mode": "max"},
+                                                           {"metric": "additional_gmacs", "mode": "min"}]}))
+    assert spec.metrics == ["val_score", "additional_gmacs"] and spec.modes == ["max", "min"]
+    assert load_study_spec(write(tmp_path, {"objectives": [{"metric": "val_vqa_score", "mode": "max"}]})).use_asha()
+    assert "repeat" in refused(tmp_path, {"objectives": [{"metric": "val_vqa_score", "mode": "max"},
+                                                         {"metric": "val_score", "mode": "max"}]})
 
 
 @pytest.mark.parametrize("name", ["default_meter.yaml", "default_vilt.yaml", "paper_meter_vqav2.yaml", "paper_vilt_vqav2.yaml"])
@@ -121,7 +131,7 @@ def test_bad_knob_definitions(tmp_path: Path) -> None:
 def test_objective_and_scheduler_rules(tmp_path: Path) -> None:
     assert "single objective" in refused(tmp_path, {"scheduler": {"kind": "asha"}})
     assert "trained metric" in refused(tmp_path, {"objectives": [{"metric": "additional_gmacs", "mode": "min"}]})
-    assert "repeat" in refused(tmp_path, {"objectives": [{"metric": "val_vqa_score", "mode": "max"}] * 2})
+    assert "repeat" in refused(tmp_path, {"objectives": [{"metric": "val_score", "mode": "max"}] * 2})
 
 
 def test_resources_rules(tmp_path: Path) -> None:
@@ -184,11 +194,11 @@ def test_asha_scheduler_settings(tmp_path: Path) -> None:
 
     from apt_ray.sweep.run import _scheduler
 
-    spec = load_study_spec(write(tmp_path, {"objectives": [{"metric": "val_vqa_score", "mode": "max"}], "fixed": {"epochs": 6},
+    spec = load_study_spec(write(tmp_path, {"objectives": [{"metric": "val_score", "mode": "max"}], "fixed": {"epochs": 6},
                                             "scheduler": {"grace_period": 2, "reduction_factor": 3}}))
     asha = _scheduler(spec)
     assert isinstance(asha, ASHAScheduler)
-    assert (asha._time_attr, asha._metric, asha._mode, asha._max_t, asha._reduction_factor) == ("epoch", "val_vqa_score", "max", 6, 3)
+    assert (asha._time_attr, asha._metric, asha._mode, asha._max_t, asha._reduction_factor) == ("epoch", "val_score", "max", 6, 3)
     assert _scheduler(load_study_spec(None)) is None  # two objectives: FIFO
 
 

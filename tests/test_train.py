@@ -117,10 +117,12 @@ def test_cli_train_writes_json(tmp_path, capsys):
     args += [f"{k}={v}" for k, v in TINY.items() if k not in ("model", "method", "epochs")] + [f"output_dir={tmp_path}", "max_steps=2"]
     assert main(args) == 0
     data = json.loads(out.read_text())
-    for key in ("val_vqa_score", "majority_baseline", "additional_gmacs", "updated_params", "epochs", "global_step", "samples_per_s"):
+    for key in ("val_score", "val_vqa_score", "majority_baseline", "additional_gmacs", "updated_params", "epochs", "global_step", "samples_per_s"):
         assert key in data
     assert data["global_step"] == 2 and data["updated_params"] == 0
-    assert "val VQA score" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "val score" in out and "val_vqa_score" in out  # the task's score, then the VQA task's own metric
+    assert data["val_score"] == data["val_vqa_score"] and data["task"] == "vqa"
 
 
 @pytest.mark.parametrize(

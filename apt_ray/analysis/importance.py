@@ -8,6 +8,8 @@ from typing import Any, Sequence
 
 import pandas as pd
 
+from apt_ray.analysis.tables import SCORE, with_score
+
 DEFAULT_PARAMS = ("method", "num_prompts", "rank", "depth", "placement", "lr", "seed")
 
 
@@ -65,11 +67,12 @@ def _distribution(values: pd.Series) -> Any:
     return CategoricalDistribution(sorted({str(v) for v in values}))
 
 
-def from_runs(frame: pd.DataFrame, target: str = "val_vqa_score", params: Sequence[str] = DEFAULT_PARAMS, seed: int = 0) -> Importance:
+def from_runs(frame: pd.DataFrame, target: str = SCORE, params: Sequence[str] = DEFAULT_PARAMS, seed: int = 0) -> Importance:
     """Importance from the trials' logged params and ``target`` metric: the rows become trials of an in-memory
     Optuna study, scored by the same fANOVA evaluator (knobs that never changed are left out)."""
     import optuna
 
+    frame = with_score(frame) if target == SCORE else frame
     df = frame[frame[target].notna()] if target in frame else frame.iloc[0:0]
     df = df[[math.isfinite(float(v)) for v in df[target]]] if len(df) else df
     knobs = [p for p in params if p in df and df[p].notna().all() and df[p].astype(str).nunique() > 1]

@@ -8,9 +8,9 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from apt_ray.analysis.importance import Importance
-from apt_ray.analysis.tables import COST, SCORE, by_method_and_prompts
+from apt_ray.analysis.tables import COST, SCORE, by_method_and_prompts, with_score
 
-SCORE_LABEL = "validation VQA score"
+SCORE_LABEL = "validation score"
 COST_LABEL = "additional GMACs (1 multiply-add = 1 FLOP)"
 
 
@@ -36,6 +36,7 @@ def score_vs_prompts(df: pd.DataFrame) -> Any:
 
 def score_by_knob(df: pd.DataFrame, knobs: tuple[str, ...] = ("rank", "depth")) -> Any | None:
     """Score against prompt count coloured by each knob that varied (None when none did)."""
+    df = with_score(df)
     varied = [k for k in knobs if k in df and df[k].nunique() > 1]
     if not varied:
         return None
@@ -66,6 +67,7 @@ def gmacs_vs_prompts(df: pd.DataFrame) -> Any:
 def pareto(df: pd.DataFrame, front: pd.DataFrame) -> Any:
     """Every trial (marker per method) and the accuracy-compute Pareto front as a step line."""
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
+    df, front = with_score(df), with_score(front)
     for (method, part), marker in zip(df.groupby("method"), "osD^v<>"):
         ax.scatter(part[COST], part[SCORE], marker=marker, s=30, alpha=0.7, label=str(method))
     if len(front):

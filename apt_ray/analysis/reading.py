@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 
 from apt_ray.analysis.importance import Importance
-from apt_ray.analysis.tables import SCORE, by_method_and_prompts, cost_ratio, gmacs_per_prompt, trend
+from apt_ray.analysis.tables import SCORE, by_method_and_prompts, with_score, cost_ratio, gmacs_per_prompt, trend
 
 
 def _score_lines(df: pd.DataFrame) -> list[str]:
@@ -51,6 +51,7 @@ def _front_lines(front: pd.DataFrame) -> list[str]:
 
 def written_reading(df: pd.DataFrame, front: pd.DataFrame, imp: Importance, epochs: int | None = None) -> str:
     """Markdown: per-method score trend, cost growth and APT's saving, the front, the most important knob, and caveats."""
+    df, front = with_score(df), with_score(front)
     if df.empty:
         return "No trial of this study finished with a validation score: there is nothing to read yet."
     lines = ["**What the figures say**", "", *_score_lines(df), *_cost_lines(df), *_front_lines(front)]

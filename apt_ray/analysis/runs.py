@@ -10,6 +10,7 @@ import pandas as pd
 
 from apt_ray.errors import UserError
 from apt_ray.sweep.results import TRAINED, row_of
+from apt_ray.tasks import SCORE_KEY
 from apt_ray.tracking import mlflow as mt
 
 
@@ -27,7 +28,7 @@ class StudyRuns:
     def trained(self) -> pd.DataFrame:
         """Trials that trained to the end (or were stopped early by the scheduler) and have a score."""
         df = self.frame
-        return df[df["status"].isin(TRAINED) & df["val_vqa_score"].notna()].reset_index(drop=True)
+        return df[df["status"].isin(TRAINED) & df[SCORE_KEY].notna()].reset_index(drop=True)
 
     @property
     def parent(self) -> dict[str, Any]:

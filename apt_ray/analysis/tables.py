@@ -8,13 +8,26 @@ import numpy as np
 import pandas as pd
 
 from apt_ray.sweep.pareto import pareto_front
+from apt_ray.tasks import SCORE_KEY, metric_aliases
 
-SCORE = "val_vqa_score"
+SCORE = SCORE_KEY  # the task's score, whatever the task (VQA: the VQA accuracy)
 COST = "additional_gmacs"
+
+
+def with_score(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with a :data:`SCORE` column: as it is when it has one, else copied from a column under an old name of
+    the score that a task declares as an alias (frames of runs logged by older versions, whose only score was the VQA task's own metric)."""
+    if SCORE in df:
+        return df
+    for old, new in metric_aliases().items():
+        if new == SCORE and old in df:
+            return df.assign(**{SCORE: df[old]})
+    return df
 
 
 def by_method_and_prompts(df: pd.DataFrame) -> pd.DataFrame:
     """Mean (and spread over repeats) of score and additional GMACs per method and prompt count."""
+    df = with_score(df)
     if df.empty:
         return pd.DataFrame(columns=["method", "num_prompts", "trials", "score_mean", "score_std", "gmacs"])
     g = df.groupby(["method", "num_prompts"], as_index=False)
@@ -24,6 +37,7 @@ def by_method_and_prompts(df: pd.DataFrame) -> pd.DataFrame:
 
 def front(df: pd.DataFrame, metrics: tuple[str, str] = (SCORE, COST), modes: tuple[str, str] = ("max", "min")) -> pd.DataFrame:
     """The accuracy-compute Pareto front (best score first), as rows of ``df``."""
+    df = with_score(df)
     rows = pareto_front(df.to_dict("records"), list(metrics), list(modes))
     return pd.DataFrame(rows, columns=df.columns)
 
@@ -53,6 +67,7 @@ def cost_ratio(df: pd.DataFrame, method: str = "apt", reference: str = "deep_pro
 
 def trend(df: pd.DataFrame, method: str) -> float | None:
     """Spearman rank correlation of score with prompt count for ``method`` (None with fewer than 3 counts)."""
+    df = with_score(df)
     part = df[df["method"] == method].dropna(subset=["num_prompts", SCORE])
     if part["num_prompts"].nunique() < 3:
         return None

@@ -15,10 +15,10 @@ from apt_ray.methods.spec import MethodSpec
 
 if TYPE_CHECKING:
     from apt_ray.methods.base import AppliedMethod
-    from apt_ray.models.vqa import VQAModel
+    from apt_ray.models.task_model import TaskModel
 
 
-def apply(model: "VQAModel", spec: MethodSpec) -> "AppliedMethod":
+def apply(model: "TaskModel", spec: MethodSpec) -> "AppliedMethod":
     """Freeze the backbone, inject the method at the sites its placement picks, and unfreeze the backbone extras
     the spec trains (by default the APT authors' set: poolers, token-type embeddings, a learnable [CLS])."""
     from apt_ray.methods.base import resolve_extras, train_extras

@@ -8,7 +8,7 @@ from torch import nn
 from apt_ray.methods.base import AppliedMethod, prepare
 from apt_ray.methods.sites import SiteMethod
 from apt_ray.methods.spec import MethodSpec
-from apt_ray.models.vqa import VQAModel
+from apt_ray.models.task_model import TaskModel
 
 
 class Bottleneck(nn.Module):
@@ -36,7 +36,7 @@ class AdapterSite(SiteMethod):
         return self.adapter(out)
 
 
-def apply(model: VQAModel, spec: MethodSpec) -> AppliedMethod:
+def apply(model: TaskModel, spec: MethodSpec) -> AppliedMethod:
     spec, layers, sites = prepare(model, spec)
     m = spec.adapter_dim
     for site in sites:

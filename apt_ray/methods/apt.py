@@ -12,7 +12,7 @@ from torch import nn
 from apt_ray.methods.base import AppliedMethod, prepare
 from apt_ray.methods.sites import SiteMethod
 from apt_ray.methods.spec import MethodSpec
-from apt_ray.models.vqa import VQAModel
+from apt_ray.models.task_model import TaskModel
 
 
 class APTSite(SiteMethod):
@@ -38,7 +38,7 @@ class APTSite(SiteMethod):
         return (out + weight * diffusion) * self.log_scale.exp().to(out.dtype)
 
 
-def apply(model: VQAModel, spec: MethodSpec) -> AppliedMethod:
+def apply(model: TaskModel, spec: MethodSpec) -> AppliedMethod:
     spec, layers, sites = prepare(model, spec)
     p, r = spec.num_prompts, spec.rank
     for site in sites:

@@ -10,7 +10,7 @@ from torch import nn
 from apt_ray.errors import UserError
 from apt_ray.methods.sites import AttentionSite, FFNSite, resolve_layers, select_sites
 from apt_ray.methods.spec import MethodSpec
-from apt_ray.models.vqa import VQAModel
+from apt_ray.models.task_model import TaskModel
 
 
 @dataclass
@@ -71,7 +71,7 @@ def resolve_layout(spec: MethodSpec, backbone: nn.Module) -> MethodSpec:
 
 
 def prepare(
-    model: VQAModel, spec: MethodSpec, allowed: tuple[str, ...] = ("self", "cross")
+    model: TaskModel, spec: MethodSpec, allowed: tuple[str, ...] = ("self", "cross")
 ) -> tuple[MethodSpec, list[int], list[AttentionSite]]:
     """Freeze the backbone, keep the head trainable, check the backbone-dependent bounds, pick sites.
 
@@ -112,7 +112,7 @@ def resolve_extras(spec: MethodSpec) -> tuple[str, ...]:
     return tuple(spec.entry.config.default_extras)
 
 
-def train_extras(model: VQAModel, extras: tuple[str, ...]) -> tuple[str, ...]:
+def train_extras(model: TaskModel, extras: tuple[str, ...]) -> tuple[str, ...]:
     """Unfreeze the named backbone extras; ``cls_token`` adds the learnable [CLS] replacement, started from the
     embedding of ``model.cls_token_id``."""
     backbone = model.backbone

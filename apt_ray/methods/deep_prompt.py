@@ -28,7 +28,7 @@ from apt_ray.methods.base import AppliedMethod, prepare
 from apt_ray.methods.prefix_encoder import PrefixEncoder, PrefixSite, fold_prefix_encoder
 from apt_ray.methods.sites import AttentionSite, SiteAttention, SiteMethod
 from apt_ray.methods.spec import MethodSpec
-from apt_ray.models.vqa import VQAModel
+from apt_ray.models.task_model import TaskModel
 
 METHOD_KEY = "deep_prompt"
 
@@ -77,7 +77,7 @@ def fold(model: nn.Module) -> int:
     return len(sites)
 
 
-def _apply_reparam(model: VQAModel, spec: MethodSpec, layers: list[int], sites: list[AttentionSite]) -> AppliedMethod:
+def _apply_reparam(model: TaskModel, spec: MethodSpec, layers: list[int], sites: list[AttentionSite]) -> AppliedMethod:
     p, h, n = spec.num_prompts, spec.reparam_hidden, len(sites)
     d = model.backbone.hidden_size
     if any(s.hidden_size != d for s in sites):
@@ -96,7 +96,7 @@ def _apply_reparam(model: VQAModel, spec: MethodSpec, layers: list[int], sites: 
     )
 
 
-def apply(model: VQAModel, spec: MethodSpec) -> AppliedMethod:
+def apply(model: TaskModel, spec: MethodSpec) -> AppliedMethod:
     spec, layers, sites = prepare(model, spec)
     if spec.reparam_hidden:
         return _apply_reparam(model, spec, layers, sites)

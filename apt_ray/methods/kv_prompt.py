@@ -29,7 +29,7 @@ from torch.utils.hooks import RemovableHandle
 from apt_ray.methods.base import AppliedMethod, prepare
 from apt_ray.methods.sites import AttentionSite, SiteAttention, SiteMethod
 from apt_ray.methods.spec import MethodSpec
-from apt_ray.models.vqa import VQAModel
+from apt_ray.models.task_model import TaskModel
 
 METHOD_KEY = "kv_prompt"
 
@@ -83,7 +83,7 @@ class VisualPrompts(nn.Module):
         return (h, *args[1:]), kwargs
 
 
-def apply(model: VQAModel, spec: MethodSpec) -> AppliedMethod:
+def apply(model: TaskModel, spec: MethodSpec) -> AppliedMethod:
     spec, layers, sites = prepare(model, spec, allowed=("self",))
     p, v = spec.num_prompts, spec.num_visual_prompts
     kv_tensors = 1 if spec.shared_kv else 2

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from apt_ray.methods.base import AppliedMethod, prepare
 from apt_ray.methods.spec import MethodSpec
-from apt_ray.models.vqa import VQAModel
+from apt_ray.models.task_model import TaskModel
 
 
-def apply(model: VQAModel, spec: MethodSpec) -> AppliedMethod:
+def apply(model: TaskModel, spec: MethodSpec) -> AppliedMethod:
     from peft import LoraConfig, inject_adapter_in_model  # heavy import, only when LoRA is used
 
     spec, layers, sites = prepare(model, spec)

@@ -115,7 +115,7 @@ PLACEMENT = {"depth": DEPTH, "placement": ...}  # ``...``: read the range from t
 
 # -- entries -----------------------------------------------------------------------------------------------------
 
-ApplyFn = Callable[[Any, Any], Any]  # (VQAModel, MethodSpec) -> AppliedMethod
+ApplyFn = Callable[[Any, Any], Any]  # (TaskModel, MethodSpec) -> AppliedMethod
 
 
 @dataclass

@@ -25,6 +25,11 @@ class VQAHead(nn.Module):
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.net(pooled)
 
+    def linear_probe(self) -> "VQAHead":
+        """A single Linear layer with this head's input and output widths, on this head's device (the linear
+        probe's classifier; see :func:`apt_ray.methods.probe.apply_linear_probe`)."""
+        return VQAHead(self.in_dim, None, self.num_answers, device=next(self.parameters()).device)
+
 
 def vqa_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """BCE on soft targets, summed over answers and averaged over questions (as ViLT/METER)."""

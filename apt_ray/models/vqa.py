@@ -1,46 +1,17 @@
-"""A backbone with its VQA head: the model every method is applied to."""
+"""A backbone with the VQA head: the :class:`~apt_ray.models.task_model.TaskModel` of the VQA task, built from an
+answer count (what the profiler, the step-cost benchmark and many tests construct)."""
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from apt_ray.models.heads import VQAHead
+from apt_ray.models.task_model import TaskModel
 
 
-class VQAModel(nn.Module):
-    """``backbone`` (ViLT or METER) + ``head``; ``method_modules`` holds a method's non-site parts and ``extras``
-    the learnable backbone additions trained besides the method (the [CLS] replacement).
-
-    ``cls_token_id``: the tokenizer's [CLS] / ``<s>`` id, the start value of that replacement.
-    """
+class VQAModel(TaskModel):
+    """``backbone`` + the ViLT/METER VQA head (:class:`VQAHead`) over ``num_answers`` answers; the same model the
+    ``vqa`` task's head gives (:class:`apt_ray.tasks.vqa.VQATask`)."""
 
     def __init__(self, backbone: nn.Module, num_answers: int, cls_token_id: int = 0) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.head = VQAHead(backbone.pooled_size, 2 * backbone.hidden_size, num_answers)
-        self.method_modules = nn.ModuleDict()
-        self.extras = nn.ParameterDict()
-        self.cls_token_id = cls_token_id
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.head(self.backbone(input_ids, attention_mask, pixel_values, pixel_mask))
-
-    def head_parameters(self) -> list[nn.Parameter]:
-        return list(self.head.parameters())
-
-    def trainable_groups(self, extras: tuple[str, ...] = ()) -> dict[str, list[nn.Parameter]]:
-        """Trainable parameters by group: ``head``, each of ``extras`` that holds any (``pooler``, ``token_type``:
-        the backbone's :meth:`extra_modules`; ``cls_token``: ``self.extras``) and ``method``: everything else,
-        what the method updates."""
-        named: dict[str, list[nn.Parameter]] = {"head": list(self.head.parameters())}
-        parts = {**self.backbone.extra_modules(), "cls_token": [self.extras]}
-        for name in extras:
-            named[name] = [p for m in parts[name] for p in m.parameters() if p.requires_grad]
-        taken = {id(p) for ps in named.values() for p in ps}
-        named["method"] = [p for p in self.parameters() if p.requires_grad and id(p) not in taken]
-        return {k: v for k, v in named.items() if v}
-
-    def method_parameters(self) -> list[nn.Parameter]:
-        """What the method updates: trainable parameters outside the head and the trained extras."""
-        return self.trainable_groups(getattr(self, "trained_extras", ())).get("method", [])
+        super().__init__(backbone, VQAHead(backbone.pooled_size, 2 * backbone.hidden_size, num_answers), cls_token_id)

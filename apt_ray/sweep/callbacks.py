@@ -104,7 +104,7 @@ class ProgressLine(Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.done += 1
         r = trial.last_result or {}
-        score = r.get("val_vqa_score")
+        score = r.get("val_score")
         text = f"val score {score:.2f}, +GMACs {r.get('additional_gmacs', float('nan')):.4g}, {r.get('epoch', 0)} epochs" if score is not None else "no result"
         print(f"trial {trial.trial_id} done ({self.done}/{self.total}): {text}", flush=True)
 

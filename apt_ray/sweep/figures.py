@@ -17,7 +17,8 @@ def _has(row: Row, *keys: str) -> bool:
     return all(isinstance(row.get(k), (int, float)) for k in keys)
 
 
-def plot_front(rows: Sequence[Row], front: Sequence[Row], path: str | Path, x: str = "additional_gmacs", y: str = "val_vqa_score") -> Path:
+def plot_front(rows: Sequence[Row], front: Sequence[Row], path: str | Path, x: str = "additional_gmacs", y: str = "val_score",
+               y_label: str | None = None) -> Path:
     """Every finished trial as a point, the front as a highlighted step line; writes a PNG."""
     fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
     pts = [r for r in rows if _has(r, x, y)]
@@ -30,14 +31,18 @@ def plot_front(rows: Sequence[Row], front: Sequence[Row], path: str | Path, x: s
             ax.annotate(f"p={r.get('num_prompts', '-')} r={r.get('rank', '-')} d={r.get('depth', '-')}", (r[x], r[y]),
                         textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xlabel("additional GMACs (1 multiply-add = 1 FLOP)" if x == "additional_gmacs" else x)
-    ax.set_ylabel("validation VQA score" if y == "val_vqa_score" else y)
+    ax.set_ylabel(y_label or _label(y))
     ax.set_title("accuracy vs additional computation")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     return _save(fig, path)
 
 
-def plot_score_vs_prompts(rows: Sequence[Row], path: str | Path, y: str = "val_vqa_score") -> Path:
+def _label(y: str) -> str:
+    return "validation score" if y == "val_score" else y
+
+
+def plot_score_vs_prompts(rows: Sequence[Row], path: str | Path, y: str = "val_score", y_label: str | None = None) -> Path:
     """Validation score against prompt count (log axis): one line per method (mean over repeats) when the sweep
     compares methods, else points coloured by depth; writes a PNG."""
     fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
@@ -60,7 +65,7 @@ def plot_score_vs_prompts(rows: Sequence[Row], path: str | Path, y: str = "val_v
             fig.colorbar(sc, ax=ax, label="depth (layers with prompts)")
         ax.set_xscale("log", base=2)
     ax.set_xlabel("prompts per site (p)")
-    ax.set_ylabel("validation VQA score" if y == "val_vqa_score" else y)
+    ax.set_ylabel(y_label or _label(y))
     ax.set_title("score vs prompt count")
     ax.grid(alpha=0.3)
     return _save(fig, path)

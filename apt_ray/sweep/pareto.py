@@ -41,7 +41,7 @@ COLUMNS = (
     ("depth", "depth", "{}"),
     ("placement", "placement", "{}"),
     ("lr", "lr", "{:.2e}"),
-    ("val score", "val_vqa_score", "{:.2f}"),
+    ("val score", "val_score", "{:.2f}"),
     ("+GMACs", "additional_gmacs", "{:.4f}"),
 )
 

@@ -12,10 +12,16 @@ from typing import Any
 
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from apt_ray.tasks.base import SCORE_KEY
 from apt_ray.tracking.mlflow import Tracker
 
 log = logging.getLogger("apt_ray.sweep")
-EPOCH_KEYS = ("train_loss", "val_vqa_score", "samples_per_s", "step_time_ms", "lr", "global_step")
+EPOCH_KEYS = ("train_loss", SCORE_KEY, "samples_per_s", "step_time_ms", "lr", "global_step")
+
+
+def epoch_metrics(report: dict[str, Any]) -> dict[str, Any]:
+    """What is logged per epoch: :data:`EPOCH_KEYS` and the task's own metrics (every ``val_*`` key)."""
+    return {k: v for k, v in report.items() if k in EPOCH_KEYS or k.startswith("val_")}
 
 
 class TrialReporter(TuneReportCallback):
@@ -28,12 +34,12 @@ class TrialReporter(TuneReportCallback):
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
         report = dict(metrics[0])
-        if "val_vqa_score" not in report:
+        if SCORE_KEY not in report:
             return  # a mid-epoch checkpoint: no score yet, nothing for Tune or the metric history
         epoch = int(report.get("epoch", 0))
         if epoch > self.logged_epochs:
             try:
-                self.tracker.log_metrics(self.run_id, {k: report[k] for k in EPOCH_KEYS if k in report}, step=epoch)
+                self.tracker.log_metrics(self.run_id, epoch_metrics(report), step=epoch)
                 self.logged_epochs = epoch
             except Exception as e:  # noqa: BLE001 - tracking trouble must not stop training
                 log.warning("could not log epoch %d of run %s to MLflow: %s", epoch, self.run_id, str(e).splitlines()[0][:200])

@@ -6,11 +6,12 @@ from pathlib import Path
 from typing import Any
 
 from apt_ray.sweep.pareto import pareto_front
+from apt_ray.tasks import SCORE_KEY, read_metric
 from apt_ray.tracking.mlflow import STATUS_TAG, TRIAL_TAG, Tracker
 
 TRAINED = ("finished", "stopped_early")
 KNOBS = ("method", "num_prompts", "rank", "depth", "placement", "lr", "seed", "epochs", "workers")
-METRICS = ("val_vqa_score", "additional_gmacs", "updated_params", "train_loss", "samples_per_s", "step_time_ms")
+METRICS = (SCORE_KEY, "additional_gmacs", "updated_params", "train_loss", "samples_per_s", "step_time_ms")
 
 
 def _value(text: str | None) -> Any:
@@ -30,7 +31,7 @@ def row_of(run: Any) -> dict[str, Any]:
     row: dict[str, Any] = {"trial": tags.get(TRIAL_TAG, run.info.run_name), "status": tags.get(STATUS_TAG, "unknown"),
                            "run_status": run.info.status, "run_id": run.info.run_id}
     row.update({k: _value(params.get(k)) for k in KNOBS})
-    row.update({k: metrics.get(k) for k in METRICS})
+    row.update({k: read_metric(metrics, k) for k in METRICS})  # runs of older versions: val_score under its old name
     if tags.get("failure_reason"):
         row["reason"] = tags["failure_reason"]
     return row
@@ -65,10 +66,10 @@ def log_summary(tracker: Tracker, parent_run_id: str, rows: list[dict[str, Any]]
     for path in figures:
         tracker.log_file(parent_run_id, path, "figures")
     tally = counts(rows)
-    scores = [r["val_vqa_score"] for r in rows if r["status"] in TRAINED and isinstance(r.get("val_vqa_score"), float)]
+    scores = [r[SCORE_KEY] for r in rows if r["status"] in TRAINED and isinstance(r.get(SCORE_KEY), float)]
     summary = {f"trials_{k}": v for k, v in tally.items()}
     summary.update({"trials_total": len(rows), "pareto_size": len(front)})
     if scores:
-        summary["best_val_vqa_score"] = max(scores)
+        summary[f"best_{SCORE_KEY}"] = max(scores)
     tracker.log_metrics(parent_run_id, summary)
     return figures

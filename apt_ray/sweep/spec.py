@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from apt_ray.config import TrainConfig, load_mapping
 from apt_ray.errors import UserError, validation_message
 from apt_ray.methods.registry import get_method
 from apt_ray.methods.spec import MethodName
 from apt_ray.sweep.space import ParamSpec, default_space
+from apt_ray.tasks import SCORE_KEY, canonical_metric
 
-EPOCH_METRICS = ("val_vqa_score", "train_loss", "samples_per_s", "step_time_ms")
+EPOCH_METRICS = (SCORE_KEY, "train_loss", "samples_per_s", "step_time_ms")
 CONSTANT_METRICS = ("additional_gmacs", "updated_params")
 TOP_LEVEL = ("model", "method", "data")
 
@@ -24,7 +25,10 @@ class Objective(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    metric: Literal["val_vqa_score", "train_loss", "samples_per_s", "step_time_ms", "additional_gmacs", "updated_params"]
+    # val_score: the task's score; an old name that a task declares as an alias of a metric (the VQA task: the name
+    # older study files used for the score) reads as that metric
+    metric: Annotated[Literal["val_score", "train_loss", "samples_per_s", "step_time_ms", "additional_gmacs", "updated_params"],
+                      BeforeValidator(lambda v: canonical_metric(v) if isinstance(v, str) else v)]
     mode: Literal["max", "min"]
 
 
@@ -50,7 +54,7 @@ class Resources(BaseModel):
 
 
 def _default_objectives() -> list[Objective]:
-    return [Objective(metric="val_vqa_score", mode="max"), Objective(metric="additional_gmacs", mode="min")]
+    return [Objective(metric=SCORE_KEY, mode="max"), Objective(metric="additional_gmacs", mode="min")]
 
 
 class StudySpec(BaseModel):
@@ -249,12 +253,12 @@ def _check_objectives(spec: StudySpec) -> None:
     if len(set(metrics)) != len(metrics):
         raise UserError(f"objectives repeat a metric ({', '.join(metrics)}): list each metric once.")
     if not any(m in EPOCH_METRICS for m in metrics):
-        raise UserError(f"objectives ({', '.join(metrics)}) need at least one trained metric, e.g. val_vqa_score (mode: max).")
+        raise UserError(f"objectives ({', '.join(metrics)}) need at least one trained metric, e.g. val_score (mode: max).")
     if spec.scheduler.kind == "asha":
         if spec.multi_objective:
             raise UserError("scheduler.kind=asha needs a single objective (ASHA stops trials on one score): use kind auto or fifo, or keep one objective.")
         if metrics[0] not in EPOCH_METRICS:
-            raise UserError(f"scheduler.kind=asha needs a per-epoch objective, not '{metrics[0]}': use val_vqa_score or kind fifo.")
+            raise UserError(f"scheduler.kind=asha needs a per-epoch objective, not '{metrics[0]}': use val_score or kind fifo.")
 
 
 def check_data(spec: StudySpec) -> None:

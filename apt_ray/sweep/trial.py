@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from apt_ray.config import TrainConfig, build_train_config
+from apt_ray.tasks import SCORE_KEY, metric_aliases, read_metric
 from apt_ray.tracking.mlflow import COMMIT_TAG, KIND_TAG, PARENT_TAG, STATUS_TAG, TRIAL_TAG, Tracker
 
 log = logging.getLogger("apt_ray.sweep")
@@ -74,7 +75,7 @@ def open_child_run(tracker: Tracker, ctx: SweepContext, trial_id: str, name: str
     run_id = found.info.run_id
     tracker.reopen(run_id)
     tracker.set_tags(run_id, {STATUS_TAG: "running"})
-    return run_id, max(0, tracker.last_step(run_id, "val_vqa_score"))
+    return run_id, max(0, _last_scored_step(tracker, run_id))
 
 
 def finished_earlier(run: Any) -> bool:
@@ -85,8 +86,22 @@ def finished_earlier(run: Any) -> bool:
 def recorded_result(tracker: Tracker, run: Any) -> dict[str, Any]:
     """What a finished trial reported at its last epoch, read back from its run (for Tune and Optuna)."""
     result = {k: v for k, v in run.data.metrics.items()}
-    result["epoch"] = max(0, tracker.last_step(run.info.run_id, "val_vqa_score"))
+    result["epoch"] = max(0, _last_scored_step(tracker, run.info.run_id))
+    if SCORE_KEY not in result:  # a run of an older version logged the score under a name its task now aliases
+        score = read_metric(result, SCORE_KEY)
+        if score is not None:
+            result[SCORE_KEY] = score
     return result
+
+
+def _score_names() -> list[str]:
+    """``val_score`` and the old names that tasks alias to it (the runs of older versions logged those)."""
+    return [SCORE_KEY, *(old for old, new in metric_aliases().items() if new == SCORE_KEY)]
+
+
+def _last_scored_step(tracker: Tracker, run_id: str) -> int:
+    """The last epoch a run logged a score for (under ``val_score`` or an old name of it); -1 if none."""
+    return max(tracker.last_step(run_id, name) for name in _score_names())
 
 
 def sync_history(tracker: Tracker, run_id: str, history: list[dict[str, Any]]) -> int:
@@ -94,12 +109,12 @@ def sync_history(tracker: Tracker, run_id: str, history: list[dict[str, Any]]) -
 
     The per-epoch metrics are written by the Train controller as they come; if MLflow was unreachable and
     the controller ended before it came back, its buffered writes are gone, and this writes them again."""
-    from apt_ray.sweep.reporter import EPOCH_KEYS
+    from apt_ray.sweep.reporter import epoch_metrics
 
-    logged = tracker.metric_steps(run_id, "val_vqa_score")
-    missing = [h for h in history if int(h.get("epoch", 0)) not in logged and "val_vqa_score" in h]
+    logged = set().union(*(tracker.metric_steps(run_id, name) for name in _score_names()))
+    missing = [h for h in history if int(h.get("epoch", 0)) not in logged and read_metric(h, SCORE_KEY) is not None]
     for h in missing:
-        tracker.log_metrics(run_id, {k: h[k] for k in EPOCH_KEYS if k in h}, step=int(h["epoch"]))
+        tracker.log_metrics(run_id, epoch_metrics(h), step=int(h["epoch"]))
     if missing:
         log.warning("run %s: wrote %d epoch(s) of metrics that MLflow had missed", run_id, len(missing))
     return len(missing)

@@ -46,6 +46,7 @@ COMMIT_TAG = "git_commit"
 KIND_TAG = "apt_ray.kind"
 _LOOPBACK = {"127.0.0.1", "localhost", "::1", "0.0.0.0"}
 _SECRET_WORDS = ("password", "passwd", "secret", "token", "api_key", "apikey", "credential", "auth")
+_NOT_SECRET = ("tokenizer",)  # holds a secret word but names the text tokenizer a trial used (a path or hub id)
 
 
 # -- URIs -------------------------------------------------------------------------
@@ -261,7 +262,7 @@ def safe_params(params: dict[str, Any]) -> dict[str, str]:
     """Params as strings: secret-looking keys dropped, credentials in URLs redacted, long values cut."""
     out: dict[str, str] = {}
     for key, value in params.items():
-        if any(w in key.lower() for w in _SECRET_WORDS):
+        if key.lower() not in _NOT_SECRET and any(w in key.lower() for w in _SECRET_WORDS):
             continue
         text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
         out[key] = redact_text(text)[:6000]

@@ -3,7 +3,7 @@
 Builds data (with the backbone's own tokenizer and image processor), backbone,
 method and optimiser from a flat config; trains with the recipe's AdamW groups,
 schedule, clipping and precision (autocast on GPU); evaluates
-the VQA score every epoch; checkpoints trainable parameters, optimiser,
+the task's metrics every epoch (its score reported as ``val_score``); checkpoints trainable parameters, optimiser,
 scheduler, RNG and data position; reports per-epoch metrics to its session.
 Nothing here imports Ray: the Ray session is loaded only when Ray runs the loop.
 """
@@ -26,20 +26,17 @@ from tqdm.auto import tqdm
 
 from apt_ray import methods
 from apt_ray.config import TrainConfig, build_train_config
-from apt_ray.data.build import build_data
-from apt_ray.data.metrics import vqa_score_sum
 from apt_ray.errors import UserError
-from apt_ray.models.heads import vqa_loss
 from apt_ray.models.presets import build_backbone, get_preset
-from apt_ray.models.vqa import VQAModel
+from apt_ray.models.task_model import TaskModel
 from apt_ray.profile import profile
+from apt_ray.tasks import SCORE_KEY, get_task, read_metric
 from apt_ray.train.checkpoint import load_checkpoint, save_checkpoint
 from apt_ray.train.recipes import get_recipe
 from apt_ray.train.schedule import build_optimizer, warmup_then_decay
 from apt_ray.train.session import LocalSession, Session
 
 log = logging.getLogger("apt_ray.train")
-BATCH_KEYS = ("input_ids", "attention_mask", "pixel_values", "pixel_mask")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -71,8 +68,8 @@ def pick_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
-def _inputs(batch: dict[str, torch.Tensor]) -> list[torch.Tensor | None]:
-    return [batch.get(k) for k in BATCH_KEYS]
+def _inputs(batch: dict[str, torch.Tensor], keys: tuple[str, ...]) -> list[torch.Tensor | None]:
+    return [batch.get(k) for k in keys]
 
 
 def self_pretrained_backbone(cfg: TrainConfig) -> Path | None:
@@ -144,18 +141,19 @@ class Trainer:
         self.autocast = torch.autocast("cuda", dtype=dtype) if dtype else torch.autocast("cpu", enabled=False)
         self.scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
         pretrained = self_pretrained_backbone(cfg)
-        self.data = build_data(cfg.data_spec(session.world_size, session.rank, pretrained))
+        self.task = get_task(cfg.task)
+        self.data = self.task.build_data(cfg.data_spec(session.world_size, session.rank, pretrained))
         spec = cfg.method_spec()
         tokenizer = self.data.tokenizer
         backbone = load_backbone(cfg, tokenizer, pretrained)
         check_tokenizer(tokenizer, backbone, cfg)
         cls_id = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
-        self.model = VQAModel(backbone, self.data.num_answers, cls_token_id=cls_id or 0)
+        self.model = TaskModel(backbone, self.task.make_head(backbone, self.data), cls_token_id=cls_id or 0)
         self.applied = methods.apply(self.model, spec)
         self.model.to(self.device)
         ds = self.data.spec
         hw, self.profile_shape = cfg.profile_shape()
-        self.profile = profile(cfg.model, spec, text_len=ds.max_text_len, image_hw=hw, num_answers=self.data.num_answers,
+        self.profile = profile(cfg.model, spec, text_len=ds.max_text_len, image_hw=hw, num_answers=self.task.head_width(self.data),
                                config=backbone.config)
         recipe = get_recipe(cfg.recipe)
         self.optimizer = build_optimizer(self.model, self.applied.groups, cfg.group_lrs(), cfg.weight_decay, cfg.adam_betas,
@@ -197,8 +195,8 @@ class Trainer:
     def _train_step(self, batch: dict[str, torch.Tensor]) -> float:
         batch = _to(batch, self.device)
         with self.autocast:
-            logits = self.net(*_inputs(batch))
-        loss = vqa_loss(logits, batch["labels"])
+            logits = self.net(*_inputs(batch, self.task.batch_keys))
+        loss = self.task.loss(logits, batch)
         value = loss.item()
         if not math.isfinite(value):
             raise Diverged(self.global_step + 1, value)
@@ -228,17 +226,21 @@ class Trainer:
         return total / count if count else float("nan")
 
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def evaluate(self) -> dict[str, float]:
+        """The task's metrics over the whole validation set (its sums added over this rank's batches, then over
+        the ranks), and its score again as ``val_score``."""
         self.net.eval()
-        total, count = 0.0, 0
+        task = self.task
+        sums = {k: 0.0 for k in task.eval_keys}
         for batch in self.data.val_loader:
             batch = _to(batch, self.device)
             with self.autocast:
-                logits = self.net(*_inputs(batch))
-            s, n = vqa_score_sum(logits.float(), batch["labels"])
-            total, count = total + s, count + n
-        total, count = _all_sum([total, count], self.device)
-        return 100.0 * total / max(count, 1)
+                logits = self.net(*_inputs(batch, task.batch_keys))
+            for k, v in task.eval_batch(logits.float(), batch).items():
+                sums[k] = sums[k] + v
+        totals = _all_sum([sums[k] for k in task.eval_keys], self.device)
+        metrics = dict(task.metrics(dict(zip(task.eval_keys, totals))))
+        return {SCORE_KEY: metrics[task.score], **metrics}
 
     def _maybe_inject_failure(self) -> None:
         step = self.cfg.inject_failure_at_step
@@ -272,7 +274,7 @@ class Trainer:
                 loss = self._train_step(batch)
                 step_times.append(time.perf_counter() - t0)
                 losses.append(loss)
-                samples += batch["input_ids"].shape[0]
+                samples += batch[self.task.batch_keys[0]].shape[0]
                 self.global_step += 1
                 self.step_in_epoch = i + 1
                 if len(self.first_losses) < 8:
@@ -287,10 +289,11 @@ class Trainer:
             elapsed = time.perf_counter() - t_epoch
             samples = _all_sum([float(samples)], self.device)[0]
             train_loss = self._mean_loss(losses)
-            score = self.evaluate()
+            evaluated = self.evaluate()
+            score = evaluated[SCORE_KEY]
             metrics = {
                 "epoch": self.epoch + 1, "global_step": self.global_step,
-                "train_loss": train_loss, "val_vqa_score": score,
+                "train_loss": train_loss, **evaluated,
                 "samples_per_s": samples / elapsed if elapsed > 0 else 0.0,
                 "train_time_s": elapsed,  # rank 0's wall time over the epoch's training steps (no evaluation)
                 "step_time_ms": 1000 * statistics.median(step_times) if step_times else 0.0,
@@ -302,7 +305,7 @@ class Trainer:
             self.epoch_losses, self.carried_loss = [], (0.0, 0.0)
             self._checkpoint(metrics)
             if self.progress:
-                bar.write(f"epoch {metrics['epoch']}: train loss {metrics['train_loss']:.4f}, val VQA score {score:.2f}, {metrics['samples_per_s']:.0f} samples/s")
+                bar.write(f"epoch {metrics['epoch']}: train loss {metrics['train_loss']:.4f}, val score {score:.2f}, {metrics['samples_per_s']:.0f} samples/s")
         bar.close()
         if epochs_at_start == self.epoch and self.history:
             # resumed from the final checkpoint (its run was cut off after it): nothing left to train, but a run
@@ -321,8 +324,10 @@ class Trainer:
         return {
             "status": "finished",
             "model": self.cfg.model, "method": self.cfg.method,
-            "val_vqa_score": last.get("val_vqa_score", float("nan")),
-            "majority_baseline": self.data.majority_baseline,
+            "task": self.cfg.task,
+            SCORE_KEY: read_metric(last, SCORE_KEY, float("nan")),  # a checkpoint of an older version has the alias
+            **{k: v for k, v in last.items() if k.startswith("val_") and k != SCORE_KEY},  # the task's own metrics
+            **self.task.result_facts(self.data),
             "additional_gmacs": self.profile.additional_gmacs,
             "analytic_additional_gmacs": self.profile.analytic_additional_gmacs,
             "base_gmacs": self.profile.base_gmacs,
