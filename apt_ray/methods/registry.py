@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import difflib
 import importlib
 import typing
 from dataclasses import dataclass, field
@@ -31,6 +30,8 @@ from typing import Any, Callable, ClassVar, Iterator, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
+
+from apt_ray.registries import RegistryError, unknown_name
 
 SiteChoice = Literal["all", "self", "cross"]
 # Backbone parts the APT authors train in every method besides the method and the head: the poolers,
@@ -224,13 +225,13 @@ def register_method(
     origin = apply.__module__ if callable(apply) else apply.partition(":")[0]
     if name in _REGISTRY:
         other = _REGISTRY[name]
-        raise ValueError(f"method '{name}' is registered twice: by {other.origin} and by {origin}. "
+        raise RegistryError(f"method '{name}' is registered twice: by {other.origin} and by {origin}. "
                          "Method names are unique: rename one of them.")
     for entry in _REGISTRY.values():
         for knob, info in config.model_fields.items():
             theirs = entry.config.model_fields.get(knob)
             if theirs is not None and _signature(theirs) != _signature(info):
-                raise ValueError(
+                raise RegistryError(
                     f"method '{name}': knob '{knob}' ({_describe(info)}) clashes with the '{knob}' of method '{entry.name}' "
                     f"({_describe(theirs)}). Knobs are flat trial settings, so a shared key needs one declaration: "
                     f"inherit it from {entry.name}'s config or give the knob another name (e.g. '{name}_{knob}')."
@@ -271,9 +272,7 @@ def method_names() -> tuple[str, ...]:
 
 
 def unknown_method_message(name: str) -> str:
-    close = difflib.get_close_matches(str(name), list(_REGISTRY), n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return f"unknown method '{name}'{hint}: choose one of {', '.join(_REGISTRY)}"
+    return unknown_name("method", name, _REGISTRY)
 
 
 def get_method(name: str) -> MethodEntry:

@@ -19,17 +19,16 @@ Registering a name twice raises :class:`RegistryError` at import; an unknown nam
 
 from __future__ import annotations
 
-import difflib
 import importlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from apt_ray.errors import UserError
+from apt_ray.registries import Builtins, RegistryError, unknown_name
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from torch import nn
     from transformers import PretrainedConfig
 
 TINY_VOCAB = 512  # the synthetic tokenizer's vocabulary fits; real presets use their own
@@ -40,8 +39,6 @@ BUILTIN_BACKBONES: dict[str, str] = {"vilt": "apt_ray.models.vilt", "meter": "ap
 T = TypeVar("T", bound=type)
 
 
-class RegistryError(ValueError):
-    """A backbone or preset name registered twice (a programming error, raised when the second one is imported)."""
 
 
 @dataclass(frozen=True)
@@ -123,21 +120,12 @@ class Preset:
 
 _BACKBONES: dict[str, BackboneEntry] = {}
 _PRESETS: dict[str, Preset] = {}
-_builtins_loaded = False
+_BUILTINS = Builtins(BUILTIN_BACKBONES.values())
 
 
 def load_builtins() -> None:
     """Import the built-in backbone modules (once), which registers them and their presets."""
-    global _builtins_loaded
-    if _builtins_loaded:
-        return
-    _builtins_loaded = True  # first, so that a built-in module registering during its import does not recurse
-    try:
-        for module in BUILTIN_BACKBONES.values():
-            importlib.import_module(module)
-    except BaseException:
-        _builtins_loaded = False
-        raise
+    _BUILTINS.load()
 
 
 def _where(obj: Any) -> str:
@@ -195,9 +183,7 @@ def _is_builtin(obj: Any) -> bool:
 
 
 def _unknown(kind: str, name: str, known: list[str]) -> UserError:
-    close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return UserError(f"unknown {kind} '{name}'{hint}: choose one of {', '.join(known)}.")
+    return UserError(unknown_name(kind, name, known) + ".")
 
 
 def preset_names() -> list[str]:

@@ -27,8 +27,6 @@ by older versions).
 from __future__ import annotations
 
 import contextlib
-import difflib
-import importlib
 from collections.abc import Mapping
 from typing import Annotated, Any, Callable, Iterator, TypeVar
 
@@ -36,6 +34,7 @@ from pydantic import AfterValidator
 from pydantic_core import PydanticCustomError
 
 from apt_ray.errors import UserError
+from apt_ray.registries import Builtins, RegistryError, unknown_name
 
 # Task name -> the module that registers it, imported on the first lookup.
 BUILTIN_TASKS: dict[str, str] = {"vqa": "apt_ray.tasks.vqa"}
@@ -43,26 +42,15 @@ BUILTIN_TASKS: dict[str, str] = {"vqa": "apt_ray.tasks.vqa"}
 T = TypeVar("T", bound=type)
 
 
-class RegistryError(ValueError):
-    """A task name registered twice, or a metric alias declared two ways (raised when the second one is imported)."""
 
 
 _TASKS: dict[str, Any] = {}
-_builtins_loaded = False
+_BUILTINS = Builtins(BUILTIN_TASKS.values())
 
 
 def load_builtins() -> None:
     """Import the built-in task modules (once), which registers them."""
-    global _builtins_loaded
-    if _builtins_loaded:
-        return
-    _builtins_loaded = True  # first, so that a built-in module registering during its import does not recurse
-    try:
-        for module in BUILTIN_TASKS.values():
-            importlib.import_module(module)
-    except BaseException:
-        _builtins_loaded = False
-        raise
+    _BUILTINS.load()
 
 
 def _where(obj: Any) -> str:
@@ -133,9 +121,7 @@ def task_names() -> tuple[str, ...]:
 
 def unknown_task_message(name: str) -> str:
     load_builtins()
-    close = difflib.get_close_matches(str(name), list(_TASKS), n=1, cutoff=0.5)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return f"unknown task '{name}'{hint}: choose one of {', '.join(_TASKS)}"
+    return unknown_name("task", name, _TASKS)
 
 
 def get_task(name: str) -> Any:

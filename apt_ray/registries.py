@@ -1,0 +1,40 @@
+"""What the backbone, method and task registries share: the error for a name registered twice, the message for
+an unknown name, and importing the built-in plug-in modules once, on the first lookup."""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from collections.abc import Iterable
+
+
+class RegistryError(ValueError):
+    """A name registered twice, or two declarations that disagree (raised when the second one is imported)."""
+
+
+def unknown_name(kind: str, name: object, known: Iterable[str]) -> str:
+    """``unknown <kind> '<name>' (did you mean '...'?): choose one of ...`` (no final full stop)."""
+    known = list(known)
+    close = difflib.get_close_matches(str(name), known, n=1, cutoff=0.5)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"unknown {kind} '{name}'{hint}: choose one of {', '.join(known)}"
+
+
+class Builtins:
+    """The modules that register the built-in plug-ins, imported once, on the first lookup: importing a registry
+    costs nothing, and a CLI that only parses arguments imports no model."""
+
+    def __init__(self, modules: Iterable[str]) -> None:
+        self.modules = tuple(modules)
+        self.loaded = False
+
+    def load(self) -> None:
+        if self.loaded:
+            return
+        self.loaded = True  # first, so that a built-in module registering during its import does not recurse
+        try:
+            for module in self.modules:
+                importlib.import_module(module)
+        except BaseException:
+            self.loaded = False
+            raise
