@@ -4,8 +4,8 @@ Wraps the VQA code of :mod:`apt_ray.data` (loaders, answer vocabulary, :func:`~a
 and :mod:`apt_ray.models.heads` (:class:`~apt_ray.models.heads.VQAHead`, :func:`~apt_ray.models.heads.vqa_loss`).
 Importing this module imports no torch: the task's methods import what they use.
 
-Before tasks were pluggable, trials reported the score as ``val_vqa_score`` only, and study files named it as their
-objective: :data:`METRIC_ALIASES` maps that name to ``val_score``, so old runs and study files still read.
+Runs and study files written before tasks had a registry name the score ``val_vqa_score`` only:
+:data:`METRIC_ALIASES` maps that name to ``val_score``, so they still read.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from apt_ray.data.spec import DataSpec
 
 VQA_SCORE = "val_vqa_score"  # VQA accuracy in percent (0-100), the task's own metric and its score
-METRIC_ALIASES: dict[str, str] = {VQA_SCORE: SCORE_KEY}  # the name older versions logged and studies objectives used
+METRIC_ALIASES: dict[str, str] = {VQA_SCORE: SCORE_KEY}  # the name those runs logged and those studies optimised
 
 
 @register_task("vqa")
