@@ -1,4 +1,4 @@
-"""The ``apt-ray`` command line: profile, pretrain, train."""
+"""The ``apt-ray`` command line: profile, pretrain, train, sweep."""
 
 from __future__ import annotations
 
@@ -130,7 +130,7 @@ def _train(args: argparse.Namespace) -> int:
     from apt_ray.config import build_train_config, parse_overrides
 
     overrides = parse_overrides(args.overrides)
-    for key in ("model", "method", "data", "epochs", "checkpoint", "inject_failure_at_step"):
+    for key in ("model", "method", "data", "epochs", "checkpoint"):
         value = getattr(args, key)
         if value is not None:
             overrides[key] = value
@@ -202,6 +202,12 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from apt_ray.sweep.cli import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="apt-ray", description="APT and its peers on vision-language backbones.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -227,10 +233,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--address", default=None, help="Ray cluster address (default: a local instance)")
     t.add_argument("--max-failures", type=int, default=0, help="worker failures Ray Train may recover from")
     t.add_argument("--gpus-per-worker", type=float, default=0, help="GPUs per Ray Train worker")
-    t.add_argument("--inject-failure-at-step", type=int, default=None,
-                   help="testing: the last worker process dies abruptly once at this step (with --workers and --max-failures)")
     t.add_argument("overrides", nargs="*", help="key=value settings, e.g. lr=1e-3 num_prompts=32")
     t.set_defaults(func=_train)
+
+    sw = sub.add_parser("sweep", help="a Ray Tune + Optuna study (prompts, rank, depth, placement, lr) tracked in MLflow",
+                        description="Run (or --resume) a study: Ray Tune trials proposed by Optuna within the FLOPs budget, "
+                                    "each one logged as a nested MLflow run.")
+    from apt_ray.sweep.cli import add_arguments  # argparse only: the sweep's Ray and MLflow load when it runs
+
+    add_arguments(sw)
+    sw.set_defaults(func=_sweep)
 
     pt = sub.add_parser("pretrain", help="pretrain a tiny backbone on synthetic captions (MLM + ITM, and ITC for METER), cached")
     pt.add_argument("--model", default="tiny-meter", help="tiny-meter or tiny-vilt")

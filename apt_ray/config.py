@@ -73,7 +73,6 @@ class TrainConfig(BaseModel):
     output_dir: str | None = Field(None, description="where checkpoints go (standalone runs)")
     checkpoint_every_steps: int | None = Field(None, ge=1, description="also checkpoint every N steps (default: every epoch)")
     resume_from: str | None = Field(None, description="a checkpoint dir (or an output_dir) to resume from")
-    inject_failure_at_step: int | None = Field(None, ge=1, description="testing: one worker dies abruptly once at this step")
 
     @field_validator("recipe")
     @classmethod

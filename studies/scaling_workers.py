@@ -20,6 +20,7 @@ import logging
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any, Sequence
 
 from apt_ray.errors import UserError, run_command
@@ -68,25 +69,27 @@ def _config(args: argparse.Namespace) -> Any:
 
 
 def log_to_mlflow(uri: str, experiment: str, cfg: Any, args: argparse.Namespace, rows: list[dict[str, Any]],
-                  samples: dict[int, list[float]]) -> str:
+                  samples: dict[int, list[float]], spool: Path) -> str:
     """One run: settings as params, throughput and efficiency at step = workers, the rows as a table."""
     from apt_ray.tracking import mlflow as mt
+    from apt_ray.tracking.writer import RunWriter, experiment_id
 
-    tracker = mt.Tracker(uri)
-    exp = tracker.experiment_id(experiment)
+    writer = RunWriter.open(uri, experiment_id(uri, experiment), spool)
     commit = mt.git_commit()
-    run_id = tracker.create_run(exp, f"scaling-{cfg.model}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}",
-                                {mt.KIND_TAG: "scaling", mt.COMMIT_TAG: commit, "mlflow.source.git.commit": commit})
-    tracker.log_params(run_id, {"model": cfg.model, "method": cfg.method, "global_batch_size": cfg.batch_size, "epochs": cfg.epochs,
-                                "num_train_images": cfg.num_train_images, "questions_per_image": cfg.questions_per_image,
-                                "cpus_per_worker": args.cpus_per_worker, "repeats": args.repeats,
-                                "worker_counts": [r["workers"] for r in rows]})
+    key = "scaling"
+    writer.create(key, f"scaling-{cfg.model}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}",
+                  {mt.KIND_TAG: "scaling", mt.COMMIT_TAG: commit, "mlflow.source.git.commit": commit})
+    writer.params(key, {"model": cfg.model, "method": cfg.method, "global_batch_size": cfg.batch_size, "epochs": cfg.epochs,
+                        "num_train_images": cfg.num_train_images, "questions_per_image": cfg.questions_per_image,
+                        "cpus_per_worker": args.cpus_per_worker, "repeats": args.repeats,
+                        "worker_counts": [r["workers"] for r in rows]})
     for r in rows:
-        tracker.log_metrics(run_id, {"samples_per_s": r["samples_per_s"], "efficiency": r["efficiency"]}, step=r["workers"])
-    tracker.log_table(run_id, rows, "scaling.json")
-    tracker.log_json(run_id, {str(w): v for w, v in samples.items()}, "samples_per_s_all_repeats.json")
-    tracker.finish(run_id)
-    return run_id
+        writer.metrics(key, {"samples_per_s": r["samples_per_s"], "efficiency": r["efficiency"]}, step=r["workers"])
+    writer.table(key, rows, "scaling.json")
+    writer.json(key, {str(w): v for w, v in samples.items()}, "samples_per_s_all_repeats.json")
+    writer.finish(key)
+    writer.close(timeout=300)
+    return writer.runs.get(key, "(not yet written: see the warning above)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -123,7 +126,8 @@ def run(args: argparse.Namespace) -> int:
     for r in rows:
         extra = f" {r['ceiling_samples_per_s']:.1f} | {r['ceiling_efficiency']:.2f} |" if args.ceiling else ""
         print(f"| {r['workers']} | {r['samples_per_s']:.1f} | {r['efficiency']:.2f} |{extra}")
-    run_id = log_to_mlflow(uri, args.experiment, cfg, args, rows, samples)
+    run_id = log_to_mlflow(uri, args.experiment, cfg, args, rows, samples,
+                           Path(args.storage_path or "ray_results") / f"scaling-{time.strftime('%Y%m%d-%H%M%S')}")
     print(f"\nMLflow: experiment '{args.experiment}', run {run_id} ({mt.redact(uri)})")
     if args.json:
         write_json_atomic(args.json, rows)

@@ -137,12 +137,12 @@ def test_a_run_of_an_older_version_reads_its_score_through_the_vqa_alias() -> No
     """A child run that logged only val_vqa_score (older versions) reads back with val_score (sweep results, analysis)."""
     from types import SimpleNamespace
 
-    from apt_ray.sweep.results import row_of
+    from apt_ray.sweep.summary import row_of
 
     def run(metrics: dict) -> SimpleNamespace:
         data = SimpleNamespace(tags={"trial_id": "t1", "status": "finished"}, params={"num_prompts": "4"},
                                metrics={"additional_gmacs": 0.5, **metrics})
-        return SimpleNamespace(data=data, info=SimpleNamespace(run_name="t1", status="FINISHED", run_id="r1"))
+        return SimpleNamespace(data=data, info=SimpleNamespace(run_name="t1", status="FINISHED", run_id="r1", start_time=0))
 
     assert row_of(run({"val_vqa_score": 41.5}))["val_score"] == 41.5
     assert row_of(run({"val_vqa_score": 41.5, "val_score": 41.5}))["val_score"] == 41.5

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -102,12 +101,16 @@ def test_two_workers_match_one_process(two_workers: dict[str, Any], reference: d
     assert diff <= WEIGHT_ATOL, f"2-worker weights differ from 1-process weights by {diff:g}"
 
 
-def test_worker_failure_recovers(two_workers: dict[str, Any], ray_cluster: None, tmp_path: Path) -> None:
-    """`apt-ray train --workers 2 --max-failures 1 --inject-failure-at-step 6`: the last worker process dies abruptly
+def test_worker_failure_recovers(two_workers: dict[str, Any], ray_cluster: None, tmp_path: Path,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """`apt-ray train --workers 2 --max-failures 1` with APT_RAY_FAIL_AT_STEP=6: the last worker process dies abruptly
     (os._exit) after step 6; Ray Train restarts the group from the step-4 checkpoint, and the run ends at the same
     global step with the same metrics and weights as the uninterrupted run; --json-out records the restart."""
+    from apt_ray.train.loop import FAIL_AT_STEP_ENV
+
+    monkeypatch.setenv(FAIL_AT_STEP_ENV, "6")  # forwarded to the workers with the rest of the driver's settings
     out = tmp_path / "result.json"
-    rc = main(["train", "--workers", "2", "--max-failures", "1", "--inject-failure-at-step", "6", "--json-out", str(out),
+    rc = main(["train", "--workers", "2", "--max-failures", "1", "--json-out", str(out),
                *_overrides(checkpoint_every_steps=4, output_dir=str(tmp_path))])
     assert rc == 0
     result = json.loads(out.read_text())
@@ -164,27 +167,32 @@ def test_worker_user_error_reaches_the_driver() -> None:
     assert _worker_error(WorkerGroupError("x", {0: RuntimeError("y")})) is None
 
 
-@pytest.mark.skipif(not os.environ.get("APT_RAY_TUNE_TEST"), reason="~1 min more: set APT_RAY_TUNE_TEST=1")
-def test_tune_trial_runs_a_trainer(ray_cluster: None, tmp_path: Path) -> None:
-    """The sweep's pattern: a Tune trial function fits make_trainer(...) and forwards reports to Tune."""
+def test_one_worker_trial_is_retried_from_its_checkpoint(ray_cluster: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sweep's one-worker trial runs the loop in the Tune trial's own process. Killed abruptly after step 6 (its
+    last checkpoint is at step 4), Tune retries it from that checkpoint: it ends at the same global step, with the
+    same loss and score, as the same trial uninterrupted, and reports the restart."""
     from ray import tune
 
-    storage = str(tmp_path / "train")
+    from apt_ray.sweep.trial import TrialPlan, run_trial
+    from apt_ray.train.distributed import worker_env
+    from apt_ray.train.loop import FAIL_AT_STEP_ENV
 
-    def trial(config: dict[str, Any]) -> None:
-        from ray.tune.integration.ray_train import TuneReportCallback
+    def fit(name: str) -> dict[str, Any]:
+        plan = TrialPlan(max_failures=1, env=worker_env())
+        grid = tune.Tuner(tune.with_resources(tune.with_parameters(run_trial, plan=plan), plan.trial_resources()),
+                          param_space={**TINY, "checkpoint_every_steps": 4, "epochs": 2},
+                          run_config=tune.RunConfig(storage_path=str(tmp_path), name=name, verbose=0,
+                                                    failure_config=tune.FailureConfig(max_failures=1))).fit()
+        assert grid[0].error is None, grid[0].error
+        return grid[0].metrics
 
-        name = f"trial-{tune.get_context().get_trial_id()}"
-        make_trainer({**TINY, "max_steps": 4, **config}, workers=1, use_gpu=False, storage_path=storage,
-                     name=name, callbacks=[TuneReportCallback()]).fit()
-
-    grid = tune.Tuner(tune.with_resources(trial, {"CPU": 0.01}), param_space={"lr": tune.grid_search([3e-3])},
-                      tune_config=tune.TuneConfig(metric="val_vqa_score", mode="max"),
-                      run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"), name="tune")).fit()
-    best = grid.get_best_result()
-    assert best.error is None
-    assert best.metrics["global_step"] == 4 and "val_vqa_score" in best.metrics
-    assert Path(best.metrics["checkpoint_path"]).is_dir()
+    clean = fit("clean")
+    monkeypatch.setenv(FAIL_AT_STEP_ENV, "6")
+    retried = fit("retried")
+    assert clean["restarts"] == 0 and retried["restarts"] == 1
+    assert retried["global_step"] == clean["global_step"] and retried["epoch"] == clean["epoch"] == 2
+    assert math.isclose(retried["train_loss"], clean["train_loss"], rel_tol=1e-3, abs_tol=0.02)
+    assert abs(retried["val_score"] - clean["val_score"]) <= 0.02
 
 
 def test_scaling_study_end_to_end(ray_cluster: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,13 +1,13 @@
-"""FLOPs budget: the closed-form cost on a weightless model equals the measured profile."""
+"""FLOPs budget: the closed-form cost on a weightless model equals the measured profile; the search refuses what is
+over the budget before any trial and hands each trial its cost."""
 
 from __future__ import annotations
 
 import pytest
 
 from apt_ray.profile import profile
-from apt_ray.sweep.budget import check_budget, cheapest_cost, trial_cost
-from apt_ray.sweep.meta import model_limits
-from apt_ray.sweep.spec import StudySpec
+from apt_ray.profile.cost import model_limits, trial_cost
+from apt_ray.sweep.spec import StudySpec, cheapest_cost
 
 
 @pytest.mark.parametrize("model,method", [("tiny-vilt", "apt"), ("tiny-meter", "apt"), ("tiny-vilt", "deep_prompt"), ("tiny-meter", "lora")])
@@ -34,14 +34,33 @@ def profile_free_reference() -> float:
     return 6 * per_layer / 1e9
 
 
-def test_verdicts() -> None:
-    spec = StudySpec()
-    small, big = spec.train_config({"num_prompts": 1, "depth": 1}), spec.train_config({"num_prompts": 256, "depth": 4})
-    limit = trial_cost(small).additional_gmacs * 2
-    assert check_budget(small, limit).within
-    v = check_budget(big, limit)
-    assert not v.within and v.additional_gmacs > limit and "over the FLOPs budget" in v.reason
-    assert check_budget(big, None).within
+class Rejections:
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, dict, str]] = []
+
+    def over_budget(self, number: int, config: dict, reason: str) -> None:
+        self.seen.append((number, config, reason))
+
+
+def test_search_refuses_a_cost_just_over_the_budget(tmp_path) -> None:
+    """With the budget set to the cost of p=8 at depth 1, the enqueued p=8 trains (carrying its cost) and p=9, just
+    over, is never proposed to Tune: it is recorded as over budget and the slot goes to the next proposal."""
+    from apt_ray.sweep.search import COST_KEY, BudgetedOptunaSearch, optuna_storage
+
+    space = {"num_prompts": {"type": "int", "low": 1, "high": 64}}
+    base = StudySpec(fixed={"pretrained": False, "depth": 1}, search_space=space)
+    limit = trial_cost(base.train_config({"num_prompts": 8})).additional_gmacs
+    spec = base.model_copy(update={"max_additional_gmacs": limit, "initial_points": [{"num_prompts": 9}, {"num_prompts": 8}]})
+    sink = Rejections()
+    search = BudgetedOptunaSearch(spec, optuna_storage(f"sqlite:///{tmp_path}/o.db"), sink)
+    search.set_search_properties(None, None, {})
+    first = search.suggest("a")
+    assert first["num_prompts"] == 8 and first[COST_KEY]["additional_gmacs"] == pytest.approx(limit)
+    assert first[COST_KEY]["updated_params"] == trial_cost(base.train_config({"num_prompts": 8})).updated_params
+    assert len(sink.seen) == 1 and sink.seen[0][1]["num_prompts"] == 9 and "over the FLOPs budget" in sink.seen[0][2]
+    assert search.rejected == 1
+    second = search.suggest("b")
+    assert second[COST_KEY]["additional_gmacs"] <= limit  # whatever TPE proposes next is within the budget
 
 
 def test_cheapest_cost_is_the_low_corner() -> None:

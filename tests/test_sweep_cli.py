@@ -1,4 +1,4 @@
-"""The study scripts' command line: bad input is one ``error:`` line and exit code 2, before any trial."""
+"""`apt-ray sweep` and the study scripts: bad input is one ``error:`` line and exit code 2, before any trial."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from apt_ray.sweep.cli import build_parser, main, overrides_from
+from apt_ray.cli import build_parser, main
+from apt_ray.sweep.cli import overrides_from
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = ROOT / "studies" / "configs" / "default_meter.yaml"
@@ -24,13 +25,13 @@ def free_port() -> int:
 
 def run_main(args: list[str], capsys: pytest.CaptureFixture, cwd: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[int, str]:
     monkeypatch.chdir(cwd)
-    code = main(args, default_config=DEFAULT, prog="sweep_meter.py", description="test")
+    code = main(["sweep", "--study-default", str(DEFAULT), *args])
     captured = capsys.readouterr()
     return code, captured.err
 
 
 def test_flags_become_overrides() -> None:
-    args = build_parser("p", "d").parse_args(["--num-samples", "3", "--max-epochs", "2", "--workers-per-trial", "2",
+    args = build_parser().parse_args(["sweep", "--num-samples", "3", "--max-epochs", "2", "--workers-per-trial", "2",
                                               "--gpus-per-worker", "0", "concurrency=1", "fixed.lr=0.001"])
     assert overrides_from(args) == {"num_trials": 3, "fixed.epochs": 2, "resources.workers": 2, "resources.gpus_per_worker": 0.0,
                                     "concurrency": 1, "fixed.lr": 0.001}
@@ -45,13 +46,19 @@ def test_flags_become_overrides() -> None:
 ])
 def test_bad_study_settings(args: list[str], needle: str, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     code, err = run_main(args, capsys, tmp_path, monkeypatch)
-    assert code == 2 and err.startswith("error: ") and needle in err and "Traceback" not in err
+    assert code == 2 and err.startswith("apt-ray sweep: error: ") and needle in err and "Traceback" not in err
     assert not (tmp_path / "ray_results").exists()  # refused before anything was created
 
 
 def test_unreachable_mlflow_uri(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
-    code, err = run_main(["--tracking-uri", f"http://127.0.0.1:{free_port()}", "--storage-path", str(tmp_path / "s")], capsys, tmp_path, monkeypatch)
-    assert code == 2 and "MLflow tracking server" in err and "cannot be reached" in err
+    """Refused at the start, within 30 s, naming the URI."""
+    import time
+
+    uri = f"http://127.0.0.1:{free_port()}"
+    t0 = time.monotonic()
+    code, err = run_main(["--tracking-uri", uri, "--storage-path", str(tmp_path / "s")], capsys, tmp_path, monkeypatch)
+    assert time.monotonic() - t0 < 30
+    assert code == 2 and "MLflow tracking server" in err and "cannot be reached" in err and uri in err
 
 
 def test_unreachable_ray_address(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -71,4 +78,4 @@ def test_script_exit_code_and_no_traceback(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, str(ROOT / "studies" / "sweep_vilt.py"), "--num-samples", "0"], cwd=tmp_path,
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.strip().startswith("error: --num-samples 0") and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith("apt-ray sweep: error: --num-samples 0") and "Traceback" not in proc.stderr

@@ -183,7 +183,8 @@ def check_tracking(uri: str, experiment: str, epochs: int) -> tuple[Any, list[An
 
 
 def tune_trial_ids(sweep_dir: Path) -> set[str]:
-    return {p.name for p in (sweep_dir / "train").iterdir() if p.is_dir()}
+    """The trials that reached training: each has its directory (named by its id) in the sweep's Tune experiment."""
+    return {p.name for p in (sweep_dir / "tune").iterdir() if p.is_dir()}
 
 
 # -- bad resources ------------------------------------------------------------------------
@@ -243,15 +244,16 @@ def first_child_metric(uri: str, experiment: str) -> bool:
         return False
 
 
-OUTAGE_S = 10
+OUTAGE_S = 90  # longer than MLflow's own HTTP retries: the writes wait in the sweep's spool
 
 
 def test_multi_node_cluster_needs_a_server(two_node_cluster: str, mlflow_server: MlflowServer, ray_cache: Path, ray_tmp: Path,
                                            tmp_path: Path) -> None:
     """Through --address: sqlite is refused (with the fix); the HTTP server works for a 2-trial sweep (both trials at
-    once: one round of Ray start-up), and an outage of the server mid-sweep (stopped once the first trial logged a
-    metric, started again on the same port 10 s later) loses nothing: every trial's per-epoch metrics and FLOPs
-    artifact are there, and the sweep finishes."""
+    once), and an outage of the server mid-sweep (stopped once the first trial logged a metric, started again on the
+    same port 90 s later: longer than MLflow's HTTP retries) loses nothing: the driver's writes wait in the sweep's
+    spool and are replayed in order, every trial's per-epoch metrics and FLOPs artifact are there, and the sweep
+    finishes."""
     cfg = study_file(tmp_path, name="it-http", num_trials=2)
     env = subprocess_env(ray_cache, ray_tmp)
     base = [sys.executable, str(SCRIPT), "--config", str(cfg), "--address", two_node_cluster]
@@ -290,6 +292,10 @@ def test_multi_node_cluster_needs_a_server(two_node_cluster: str, mlflow_server:
     assert "is unreachable" in out, "no trial met the outage: the test did not test it"  # the buffering warning
     parent, children = check_tracking(uri, "it-http", epochs=1)  # per-epoch history and flops_profile.json of every trial
     assert len(children) == 2 and all(r.data.tags["status"] == "finished" for r in children)
+    assert "answers again" in out  # the spool was replayed ...
+    for run in children:  # ... in order: every run ended after its metrics were measured
+        stamps = [m.timestamp for key in ("val_score", "train_loss") for m in client(uri).get_metric_history(run.info.run_id, key)]
+        assert stamps and max(stamps) <= run.info.end_time
     assert len({r.data.tags["ray_node_id"] for r in children}) >= 1
 
 
@@ -327,7 +333,7 @@ def test_killed_sweep_with_budget_and_divergence_resumes(ray_cache: Path, ray_tm
     run per trial, the finished ones not run again, the cut-off one resumed (or ended FAILED with a reason)."""
     import optuna
 
-    from apt_ray.sweep.budget import trial_cost
+    from apt_ray.profile.cost import trial_cost
     from apt_ray.sweep.spec import StudySpec
 
     budget = trial_cost(StudySpec(fixed=TINY).train_config({"num_prompts": 32, "depth": 2})).additional_gmacs

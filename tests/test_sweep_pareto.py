@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from apt_ray.sweep.pareto import dominates, format_table, pareto_front
+from apt_ray.sweep.summary import dominates, format_table, pareto_front
 
 M2, MODES2 = ["val_score", "additional_gmacs"], ["max", "min"]
 

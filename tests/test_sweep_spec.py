@@ -180,15 +180,6 @@ def test_initial_points_must_fit_the_space(tmp_path: Path) -> None:
     assert "exactly the searched knobs" in refused(tmp_path, {"search_space": space, "initial_points": [{"num_prompts": 8}]})
 
 
-def test_trial_failure_survives_pickling() -> None:
-    import pickle
-
-    from apt_ray.sweep.trial import TrialFailed
-
-    err = pickle.loads(pickle.dumps(TrialFailed("diverged", "loss is nan")))
-    assert (err.status, err.reason, str(err)) == ("diverged", "loss is nan", "diverged: loss is nan")
-
-
 def test_asha_scheduler_settings(tmp_path: Path) -> None:
     from ray.tune.schedulers import ASHAScheduler
 
@@ -204,20 +195,11 @@ def test_asha_scheduler_settings(tmp_path: Path) -> None:
 
 
 def test_max_failures_reaches_every_trial(tmp_path: Path) -> None:
-    from apt_ray.sweep.trial import SweepContext, trial_params
+    """One-worker trials are retried by Tune, multi-worker ones by Ray Train: either way max_failures arrives."""
+    from apt_ray.sweep.run import _plan
+    from apt_ray.sweep.store import SweepDir
 
     spec = load_study_spec(write(tmp_path, {}), {"resources.max_failures": 2})
-    assert spec.resources.max_failures == 2
-    ctx = SweepContext("sqlite:///m.db", "1", "p", "c", "/tmp/t", max_failures=spec.resources.max_failures)
-    assert trial_params(spec.train_config({}), ctx)["max_failures"] == 2  # logged with the trial's params
+    assert spec.resources.max_failures == 2 and _plan(spec, SweepDir(tmp_path / "s")).max_failures == 2
     with pytest.raises(UserError, match="max_failures"):
         load_study_spec(write(tmp_path, {}), {"resources.max_failures": -2})
-
-
-def test_run_facts_time_the_start_up_only_without_restarts() -> None:
-    from apt_ray.sweep.trial import run_facts
-
-    facts = run_facts({"restarts": 0, "started_unix": 105.0, "setup_s": 2.5}, t_fit=100.0)
-    assert facts == {"restarts": 0.0, "startup_s": 7.5}
-    # after a restart the worker's start time is the restarted one's: no start-up figure then
-    assert run_facts({"restarts": 1, "started_unix": 300.0, "setup_s": 2.5}, t_fit=100.0) == {"restarts": 1.0}

@@ -9,7 +9,7 @@ from typing import Any
 import pandas as pd
 
 from apt_ray.errors import UserError
-from apt_ray.sweep.results import TRAINED, row_of
+from apt_ray.sweep.summary import TRAINED, row_of
 from apt_ray.tasks import SCORE_KEY
 from apt_ray.tracking import mlflow as mt
 
@@ -50,9 +50,9 @@ def _check_uri(uri: str) -> str:
 
 
 def _experiment(client: Any, name: str, uri: str) -> Any:
-    exp = mt.retry(lambda: client.get_experiment_by_name(name))
+    exp = client.get_experiment_by_name(name)
     if exp is None or exp.lifecycle_stage == "deleted":
-        names = sorted(e.name for e in mt.retry(lambda: client.search_experiments(max_results=200)))
+        names = sorted(e.name for e in client.search_experiments(max_results=200))
         have = ", ".join(f"'{n}'" for n in names) or "none"
         raise UserError(f"MLflow experiment '{name}' does not exist at {mt.redact(uri)} (experiments there: {have}). "
                         "Run a study first (e.g. python studies/prompt_length.py --experiment NAME) or set experiment to one of those.")
@@ -69,10 +69,10 @@ def _parent_facts(run: Any) -> dict[str, Any]:
 def load_study_runs(tracking_uri: str, experiment: str, sweep: str = "latest") -> StudyRuns:
     """Trials of ``experiment``: of its newest sweep (``latest``), of every sweep (``all``), or of one parent run id."""
     uri = _check_uri(tracking_uri)
-    tracker = mt.Tracker(uri)
-    exp = _experiment(tracker.client, experiment, uri)
+    client = mt.client(uri)
+    exp = _experiment(client, experiment, uri)
     query = f"tags.`{mt.KIND_TAG}` = 'sweep'"
-    parents = sorted(mt.retry(lambda: tracker.client.search_runs([exp.experiment_id], filter_string=query, max_results=1000)),
+    parents = sorted(client.search_runs([exp.experiment_id], filter_string=query, max_results=1000),
                      key=lambda r: r.info.start_time or 0, reverse=True)
     if not parents:
         raise UserError(f"MLflow experiment '{experiment}' holds no sweep (no run tagged {mt.KIND_TAG}=sweep): "
@@ -85,16 +85,18 @@ def load_study_runs(tracking_uri: str, experiment: str, sweep: str = "latest") -
             raise UserError(f"sweep '{sweep}' is not a sweep parent run of experiment '{experiment}': use latest, all or a parent run id.")
     rows: list[dict[str, Any]] = []
     for parent in parents:
-        for run in sorted(tracker.children(exp.experiment_id, parent.info.run_id), key=lambda r: r.info.start_time or 0):
+        children = client.search_runs([exp.experiment_id], filter_string=f"tags.`{mt.PARENT_TAG}` = '{parent.info.run_id}'",
+                                      max_results=5000)
+        for run in sorted(children, key=lambda r: r.info.start_time or 0):
             rows.append({**row_of(run), "parent_run_id": parent.info.run_id})
     frame = pd.DataFrame(rows, columns=_columns(rows))
     return StudyRuns(experiment, exp.experiment_id, uri, frame, [_parent_facts(p) for p in parents])
 
 
 def _columns(rows: list[dict[str, Any]]) -> list[str]:
-    from apt_ray.sweep.results import KNOBS, METRICS
+    from apt_ray.sweep.summary import KNOBS, METRICS
 
-    base = ["trial", "status", "run_status", "run_id", *KNOBS, *METRICS, "parent_run_id"]
+    base = ["trial", "status", "run_status", "run_id", "start_time", *KNOBS, *METRICS, "parent_run_id"]
     extra = [k for r in rows for k in r if k not in base]
     return base + list(dict.fromkeys(extra))
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from apt_ray.sweep.pareto import pareto_front
+from apt_ray.sweep.summary import pareto_front
 from apt_ray.tasks import SCORE_KEY, metric_aliases
 
 SCORE = SCORE_KEY  # the task's score, whatever the task (VQA: the VQA accuracy)

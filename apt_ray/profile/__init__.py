@@ -1,5 +1,5 @@
-"""Cost profiles: FLOPs (measured and analytic) and parameter counts."""
+"""Cost: FLOPs (measured and closed form) and parameter counts, and the measured cost of a training step."""
 
-from apt_ray.profile.flops import Profile, profile
+from apt_ray.profile.cost import Cost, Profile, closed_form_cost, model_limits, profile, trial_cost
 
-__all__ = ["Profile", "profile"]
+__all__ = ["Cost", "Profile", "closed_form_cost", "model_limits", "profile", "trial_cost"]

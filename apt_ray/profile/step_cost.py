@@ -23,7 +23,7 @@ from apt_ray.methods.spec import MethodSpec
 from apt_ray.models.heads import vqa_loss
 from apt_ray.models.presets import build_backbone
 from apt_ray.models.vqa import VQAModel
-from apt_ray.profile.flops import dummy_inputs
+from apt_ray.profile.cost import dummy_inputs
 
 Step = Callable[[], None]
 

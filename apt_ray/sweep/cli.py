@@ -1,4 +1,4 @@
-"""The command line shared by the study scripts (``studies/sweep_meter.py``, ``studies/sweep_vilt.py``)."""
+"""``apt-ray sweep``: its flags, the run, and the printed result (the study scripts in ``studies/`` call it)."""
 
 from __future__ import annotations
 
@@ -6,14 +6,15 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from apt_ray.errors import UserError, run_command
+from apt_ray.errors import UserError
 
 
-def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=description)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``apt-ray sweep``."""
     p.add_argument("--config", default=None, help="study YAML (default: the embedded default study)")
+    p.add_argument("--study-default", default=None, help=argparse.SUPPRESS)  # a study script's own default config
     p.add_argument("--num-samples", type=int, default=None, help="number of trials")
     p.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray instance)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default sqlite:///mlflow.db; an http:// server on clusters)")
@@ -24,7 +25,6 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per Ray Train worker")
     p.add_argument("--resume", action="store_true", help="continue the interrupted sweep at --storage-path (or the latest one)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="more study settings, dotted: concurrency=1 fixed.lr=1e-3")
-    return p
 
 
 def _positive(value: float | None, flag: str, allow_zero: bool = False) -> None:
@@ -52,8 +52,7 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
 
 def print_result(result: Any, out: Any = sys.stdout) -> None:
     """The Pareto front, the tallies, where everything is, and how to open the MLflow UI."""
-    from apt_ray.sweep.pareto import format_table
-    from apt_ray.sweep.results import counts
+    from apt_ray.sweep.summary import counts, format_table
 
     spec = result.spec
     objectives = ", ".join(f"{o.mode} {o.metric}" for o in spec.objectives)
@@ -69,15 +68,15 @@ def print_result(result: Any, out: Any = sys.stdout) -> None:
         print(f"\nthe sweep was interrupted; continue it with: --storage-path {result.sweep_dir} --resume", file=out)
 
 
-def main(argv: Sequence[str] | None = None, *, default_config: str | Path, prog: str, description: str) -> int:
-    """Parse, validate, run the study and print the front; a ``UserError`` is one line on stderr and exit code 2."""
-    args = build_parser(prog, description).parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """Validate, run the study and print the front; a ``UserError`` goes to the caller (one message, exit 2)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("apt_ray").setLevel(logging.INFO)
-    return run_command(None, lambda: _main(args, Path(args.config or default_config)))
+    logging.getLogger("ray.tune").setLevel(logging.WARNING)  # its INFO lines point at Ray's temp dirs, not the sweep's
+    return _main(args, args.config or args.study_default)
 
 
-def _main(args: argparse.Namespace, config: Path) -> int:
+def _main(args: argparse.Namespace, config: str | None) -> int:
     from apt_ray.sweep.run import run_study
     from apt_ray.sweep.spec import load_study_spec
     from apt_ray.sweep.store import SweepDir, latest_sweep

@@ -1,9 +1,11 @@
 """``run_study``: check everything, then a ``tune.Tuner`` with the budgeted ``OptunaSearch`` (and ASHA for
-single-objective studies), one MLflow parent run per sweep, and the Pareto front when it ends."""
+single-objective studies), one MLflow parent run per sweep written by the driver alone, and the Pareto front when it
+ends."""
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,13 +14,13 @@ from typing import Any
 from apt_ray.errors import UserError
 from apt_ray.sweep.spec import StudySpec, check_data, check_spec
 from apt_ray.sweep.store import Manifest, SweepDir
-from apt_ray.sweep.trial import SweepContext
+from apt_ray.sweep.trial import TrialPlan
 from apt_ray.tracking import mlflow as mt
+from apt_ray.tracking.writer import RunWriter, experiment_id
 
 log = logging.getLogger("apt_ray.sweep")
-# What the trial function itself holds: no CPU (even 0.01 CPU would leave a node of N CPUs unable to host a
-# worker that needs N, e.g. 8-CPU GPU nodes with 8 CPUs per worker), only memory for its own process.
-TRIAL_RESOURCES = {"CPU": 0, "memory": 256 * 1024**2}
+PARENT_KEY = "sweep"
+PATIENCE_ENV = "APT_RAY_MLFLOW_PATIENCE_S"  # how long the end of a sweep waits for an unreachable MLflow (default 300 s)
 
 
 @dataclass
@@ -95,18 +97,16 @@ def _parent_params(spec: StudySpec, space: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
-def _start_parent(tracker: mt.Tracker, experiment_id: str, spec: StudySpec, sweep: SweepDir, commit: str) -> str:
+def _start_parent(writer: RunWriter, spec: StudySpec, sweep: SweepDir, commit: str) -> None:
     from apt_ray.sweep.space import space_as_dict
 
     space = spec.space()
-    name = f"sweep-{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     tags = {mt.KIND_TAG: "sweep", mt.STATUS_TAG: "running", mt.COMMIT_TAG: commit, "mlflow.source.git.commit": commit,
             "storage_path": str(sweep.root)}
-    run_id = tracker.create_run(experiment_id, name, tags)
-    tracker.log_params(run_id, _parent_params(spec, space))
-    tracker.log_json(run_id, spec.model_dump(mode="json", exclude={"tracking_uri"}), "study_spec.json")
-    tracker.log_json(run_id, space_as_dict(space), "search_space.json")
-    return run_id
+    writer.create(PARENT_KEY, f"sweep-{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}", tags)
+    writer.params(PARENT_KEY, _parent_params(spec, space))
+    writer.json(PARENT_KEY, spec.model_dump(mode="json", exclude={"tracking_uri"}), "study_spec.json")
+    writer.json(PARENT_KEY, space_as_dict(space), "search_space.json")
 
 
 def _scheduler(spec: StudySpec) -> Any:
@@ -118,35 +118,43 @@ def _scheduler(spec: StudySpec) -> Any:
                          grace_period=min(spec.scheduler.grace_period, spec.epochs), reduction_factor=spec.scheduler.reduction_factor)
 
 
-def _trainable(ctx: SweepContext) -> Any:
+def _trainable(plan: TrialPlan) -> Any:
     from ray import tune
 
     from apt_ray.sweep.trial import run_trial
 
-    return tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), dict(TRIAL_RESOURCES))
+    return tune.with_resources(tune.with_parameters(run_trial, plan=plan), plan.trial_resources())
 
 
-def _tuner(spec: StudySpec, sweep: SweepDir, ctx: SweepContext, resume: bool) -> tuple[Any, Any]:
+def _trial_dirname(trial: Any) -> str:
+    return trial.trial_id
+
+
+def _tuner(spec: StudySpec, sweep: SweepDir, plan: TrialPlan, tracking: Any, resume: bool) -> tuple[Any, Any]:
     from ray import tune
 
-    from apt_ray.sweep.callbacks import ProgressLine, RejectedRunLogger, RunCloser
-    from apt_ray.sweep.reaper import PlacementGroupReaper
+    from apt_ray.sweep.progress import ProgressLine
     from apt_ray.sweep.search import BudgetedOptunaSearch, optuna_storage
 
-    if resume:
-        tuner = tune.Tuner.restore(str(sweep.tune_dir), trainable=_trainable(ctx), resume_unfinished=True, resume_errored=False,
+    if resume:  # the callbacks and the search come back from the sweep's saved state
+        tuner = tune.Tuner.restore(str(sweep.tune_dir), trainable=_trainable(plan), resume_unfinished=True, resume_errored=False,
                                    restart_errored=False, param_space=spec.base_config())
         return tuner, None
-    searcher = BudgetedOptunaSearch(spec, optuna_storage(sweep.optuna_url), RejectedRunLogger(ctx, spec.base_config()))
+    searcher = BudgetedOptunaSearch(spec, optuna_storage(sweep.optuna_url), tracking)
+    one_worker = plan.workers == 1
     tuner = tune.Tuner(
-        _trainable(ctx),
+        _trainable(plan),
         param_space=spec.base_config(),
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=_scheduler(spec), num_samples=spec.num_trials,
-                                    max_concurrent_trials=min(spec.concurrency, spec.num_trials)),
+                                    max_concurrent_trials=min(spec.concurrency, spec.num_trials),
+                                    reuse_actors=one_worker,  # a reused process has torch and the data imported already
+                                    trial_dirname_creator=_trial_dirname),
         run_config=tune.RunConfig(
             name=sweep.tune_dir.name, storage_path=str(sweep.root), verbose=0,
-            callbacks=[RunCloser(ctx, spec.epochs), ProgressLine(spec.num_trials), PlacementGroupReaper()],
-            failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
+            callbacks=[tracking, ProgressLine(spec.num_trials, min(spec.concurrency, spec.num_trials))],
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            # one-worker trials are retried by Tune from their last checkpoint; multi-worker ones by Ray Train
+            failure_config=tune.FailureConfig(max_failures=plan.max_failures if one_worker else 0, fail_fast=False)),
     )
     return tuner, searcher
 
@@ -201,17 +209,19 @@ def run_study(
     from apt_ray.train import distributed as dist
 
     if address is None:
-        from apt_ray.sweep.prepare import prepare_pretrained_backbone
+        from apt_ray.train.loop import self_pretrained_backbone
 
-        prepare_pretrained_backbone(spec)  # on a cluster, the trials build it where they run
+        # once, here, with every core: left to the trials, the first two would wait on one of them pretraining on one CPU
+        # (on a cluster, the trials build it where they run)
+        self_pretrained_backbone(spec.train_config({}))
     started = dist.connect(address)
     try:
         mt.refuse_local_store_on_cluster(uri, _node_ips())
-        need = dist.per_worker_resources(spec.resources.gpus_per_worker > 0, _worker_resources(spec))
-        dist.check_capacity(spec.resources.workers, need)
+        plan = _plan(spec, sweep)
+        dist.check_capacity(plan.workers, dist.per_worker_resources(plan.gpus_per_worker > 0, plan.worker_resources()))
         if manifest is None:
             sweep.ensure_new()
-        return _run(spec, sweep, uri, experiment, manifest)
+        return _run(spec, sweep, plan, uri, experiment, manifest)
     finally:
         if started:
             import ray
@@ -219,71 +229,68 @@ def run_study(
             ray.shutdown()
 
 
-def _worker_resources(spec: StudySpec) -> dict[str, float]:
-    res = {"CPU": spec.resources.cpus_per_worker}
-    if spec.resources.gpus_per_worker:
-        res["GPU"] = spec.resources.gpus_per_worker
-    return res
-
-
-def _run(spec: StudySpec, sweep: SweepDir, uri: str, experiment: str, manifest: Manifest | None) -> StudyResult:
+def _plan(spec: StudySpec, sweep: SweepDir) -> TrialPlan:
     from apt_ray.train.distributed import worker_env
 
-    tracker = mt.Tracker(uri)
+    res = spec.resources
+    return TrialPlan(workers=res.workers, cpus_per_worker=res.cpus_per_worker, gpus_per_worker=res.gpus_per_worker,
+                     max_failures=res.max_failures, train_storage=str(sweep.train_dir), env=worker_env())
+
+
+def _run(spec: StudySpec, sweep: SweepDir, plan: TrialPlan, uri: str, experiment: str, manifest: Manifest | None) -> StudyResult:
+    from apt_ray.sweep.callback import MlflowSweepCallback
+
+    mt.use_http_retries()
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # mid-epoch checkpoints are reported without a score
+    # keeping 2 checkpoints per trial makes Tune save the sweep's state at each (what --resume restores): wanted, not warned about
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     commit = mt.git_commit()
+    exp_id = manifest.experiment_id if manifest else experiment_id(uri, experiment)
+    writer = RunWriter.open(uri, exp_id, sweep.root)
     if manifest is None:
-        experiment_id = tracker.experiment_id(experiment)
-        parent = _start_parent(tracker, experiment_id, spec, sweep, commit)
+        _start_parent(writer, spec, sweep, commit)
+        parent = writer.run_id(PARENT_KEY, timeout=60) or ""
         sweep.write(Manifest(spec=spec.model_dump(mode="json"), tracking_uri=mt.redact(uri), experiment=experiment,
-                             experiment_id=experiment_id, parent_run_id=parent, created=time.strftime("%Y-%m-%d %H:%M:%S")))
+                             experiment_id=exp_id, parent_run_id=parent, created=time.strftime("%Y-%m-%d %H:%M:%S")))
     else:
-        experiment_id, parent = manifest.experiment_id, manifest.parent_run_id
-        tracker.reopen(parent)
-        tracker.set_tags(parent, {mt.STATUS_TAG: "running", "resumed": "true"})
-    ctx = SweepContext(tracking_uri=uri, experiment_id=experiment_id, parent_run_id=parent, git_commit=commit,
-                       train_storage=str(sweep.train_dir), workers=spec.resources.workers,
-                       cpus_per_worker=spec.resources.cpus_per_worker, gpus_per_worker=spec.resources.gpus_per_worker,
-                       max_failures=spec.resources.max_failures, env=worker_env())
+        parent = manifest.parent_run_id
+        writer.reopen(PARENT_KEY)
+        writer.tags(PARENT_KEY, {mt.STATUS_TAG: "running", "resumed": "true"})
     log.info("sweep %s: results in %s, MLflow %s (experiment %s, parent run %s)", spec.name, sweep.root, mt.redact(uri), experiment, parent)
-    tuner, searcher = _tuner(spec, sweep, ctx, resume=manifest is not None)
+    tracking = MlflowSweepCallback(spec, uri, exp_id, sweep.root, commit)
+    tuner, searcher = _tuner(spec, sweep, plan, tracking, resume=manifest is not None)
     try:
         grid = tuner.fit()
     except BaseException:
-        tracker.set_tags(parent, {mt.STATUS_TAG: "interrupted"})
-        tracker.finish(parent, "KILLED")
+        writer.tags(PARENT_KEY, {mt.STATUS_TAG: "interrupted"})
+        writer.finish(PARENT_KEY, "KILLED")
+        writer.close(timeout=10)
         raise
-    if manifest is not None:
-        _close_cut_off_runs(tracker, experiment_id, parent)
-    return _finish(spec, sweep, tracker, uri, experiment, experiment_id, parent, _interrupted(grid, spec, searcher))
+    return _finish(spec, sweep, writer, uri, experiment, exp_id, parent, _interrupted(grid, spec, searcher))
 
 
-CUT_OFF_REASON = ("cut off when the sweep driver stopped, and not resumed: the sweep's saved Tune state "
-                  "(written every ~10 s) did not yet include this trial, so Tune started another in its place")
+def _patience() -> float:
+    text = os.environ.get(PATIENCE_ENV, "")
+    try:
+        return max(0.0, float(text)) if text else 300.0
+    except ValueError:
+        return 300.0
 
 
-def _close_cut_off_runs(tracker: mt.Tracker, experiment_id: str, parent: str) -> int:
-    """After a resumed sweep: child runs still RUNNING belong to trials Tune no longer knows (started after its
-    last saved state, before the driver was killed). End them FAILED with the reason; returns how many."""
-    closed = 0
-    for run in tracker.children(experiment_id, parent):
-        if run.info.status == "RUNNING":
-            tracker.set_tags(run.info.run_id, {mt.STATUS_TAG: "failed", "failure_reason": CUT_OFF_REASON})
-            tracker.finish(run.info.run_id, "FAILED")
-            closed += 1
-    if closed:
-        log.warning("%d trial run(s) cut off by the stopped driver could not be resumed: marked FAILED", closed)
-    return closed
-
-
-def _finish(spec: StudySpec, sweep: SweepDir, tracker: mt.Tracker, uri: str, experiment: str, experiment_id: str,
+def _finish(spec: StudySpec, sweep: SweepDir, writer: RunWriter, uri: str, experiment: str, experiment_id: str,
             parent: str, interrupted: bool) -> StudyResult:
-    from apt_ray.sweep.results import collect_rows, front_of, log_summary
+    from apt_ray.sweep.summary import front_of, log_summary, row_of
 
-    rows = collect_rows(tracker, experiment_id, parent)
-    front = front_of(rows, spec.metrics, spec.modes)
-    figures = log_summary(tracker, parent, rows, front, sweep.figures_dir)
-    tracker.set_tags(parent, {mt.STATUS_TAG: "interrupted" if interrupted else "finished"})
-    tracker.finish(parent, "KILLED" if interrupted else "FINISHED")
+    rows: list[dict[str, Any]] = []
+    front: list[dict[str, Any]] = []
+    figures: list[Path] = []
+    if writer.flush(_patience()):
+        rows = sorted((row_of(r) for r in writer.children(PARENT_KEY)), key=lambda r: r["start_time"])
+        front = front_of(rows, spec.metrics, spec.modes)
+        figures = log_summary(writer, PARENT_KEY, rows, front, sweep.figures_dir)
+    writer.tags(PARENT_KEY, {mt.STATUS_TAG: "interrupted" if interrupted else "finished"})
+    writer.finish(PARENT_KEY, "KILLED" if interrupted else "FINISHED")
+    writer.close(_patience())
     return StudyResult(spec=spec, sweep_dir=sweep.root, tracking_uri=uri, experiment=experiment, experiment_id=experiment_id,
                        parent_run_id=parent, rows=rows, front=front, interrupted=interrupted, optuna_storage=sweep.optuna_url,
                        figures=figures)

@@ -1,9 +1,13 @@
 """``OptunaSearch`` with a FLOPs budget: over-budget proposals are told to Optuna as pruned and never become trials;
 so are repeats of a configuration already proposed (TPE repeats itself in small discrete spaces).
 
-The Optuna study lives in an RDB storage (sqlite beside the sweep's results),
-so it survives restarts and can be opened later with ``optuna.load_study``.
-Failed trials are told as FAIL even when they reported an epoch before failing.
+A configuration's cost is known before training (the closed form of
+``apt_ray.profile.cost``): the search computes it once, when it proposes the
+configuration, and passes it to the trial in its config (``_cost``); the trial
+adds it to every report, where Tune and Optuna read it as an objective. The Optuna study lives in an RDB storage (sqlite beside the sweep's
+results), so it survives restarts and can be opened later with
+``optuna.load_study``. Failed trials are told as FAIL even when they reported an
+epoch before failing.
 """
 
 from __future__ import annotations
@@ -14,15 +18,20 @@ from typing import Any, Protocol
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from apt_ray.sweep.budget import Verdict, check_budget
+from apt_ray.profile.cost import trial_cost
 from apt_ray.sweep.spec import StudySpec
 
 log = logging.getLogger("apt_ray.sweep")
 MAX_REJECTIONS = 500
+COST_KEY = "_cost"  # in a trial's config: its closed-form cost metrics
 
 
 class RejectionSink(Protocol):
-    def __call__(self, number: int, params: dict[str, Any], verdict: Verdict) -> None: ...
+    def over_budget(self, number: int, config: dict[str, Any], reason: str) -> None: ...
+
+
+def over_budget_reason(additional_gmacs: float, limit: float) -> str:
+    return f"over the FLOPs budget: {additional_gmacs:.4g} additional GMACs > max_additional_gmacs {limit:g}"
 
 
 def optuna_storage(url: str) -> Any:
@@ -62,20 +71,21 @@ class BudgetedOptunaSearch(OptunaSearch):
                 ot_trial.set_user_attr("duplicate_of", self._proposed[key])
                 self._skip(trial_id)
                 continue
-            verdict = check_budget(self._spec.train_config(params), self._limit)
-            ot_trial.set_user_attr("additional_gmacs", verdict.additional_gmacs)
+            cost = trial_cost(self._spec.train_config(params))
+            ot_trial.set_user_attr("additional_gmacs", cost.additional_gmacs)
             self._proposed[key] = ot_trial.number
-            if verdict.within:
+            if self._limit is None or cost.additional_gmacs <= self._limit:
                 ot_trial.set_user_attr("tune_trial_id", trial_id)
-                return params
+                return {**params, COST_KEY: {"additional_gmacs": cost.additional_gmacs, "updated_params": float(cost.updated_params)}}
             # over budget: recorded as pruned in the study, never trained; ask again for this trial slot
             ot_trial.set_user_attr("status", "over_budget")
             self._skip(trial_id)
             self.rejected += 1
             log.info("Optuna trial %d is over the FLOPs budget (%.4g > %g GMACs): pruned before training",
-                     ot_trial.number, verdict.additional_gmacs, self._limit)
+                     ot_trial.number, cost.additional_gmacs, self._limit)
             if self._on_rejected is not None:
-                self._on_rejected(ot_trial.number, params, verdict)
+                self._on_rejected.over_budget(ot_trial.number, {**self._spec.base_config(), **params},
+                                              over_budget_reason(cost.additional_gmacs, self._limit))
         self.exhausted = True
         log.warning("%d proposals in a row were over the FLOPs budget or repeats: the space is used up, stopping the search",
                     MAX_REJECTIONS)

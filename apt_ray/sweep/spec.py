@@ -97,7 +97,7 @@ class StudySpec(BaseModel):
         """The searched knobs: the given space, else the default for this method and backbone."""
         if self.search_space is not None:
             return dict(self.search_space)
-        from apt_ray.sweep.meta import model_limits
+        from apt_ray.profile.cost import model_limits
 
         limits = model_limits(self.model)
         return default_space(self.method, limits.num_layers, limits.hidden_size)
@@ -161,7 +161,7 @@ def _all_keys() -> list[str]:
 
 def check_spec(spec: StudySpec) -> None:
     """Everything that can be checked without Ray: keys, bounds against the backbone, objectives, budget."""
-    from apt_ray.sweep.meta import model_limits
+    from apt_ray.profile.cost import model_limits
 
     limits = model_limits(spec.model)  # UserError for an unknown preset
     _check_fixed(spec)
@@ -188,14 +188,26 @@ def check_spec(spec: StudySpec) -> None:
     _check_objectives(spec)
     _check_resources(spec)
     if spec.max_additional_gmacs is not None:
-        from apt_ray.sweep.budget import cheapest_cost
-
         low = cheapest_cost(spec)
         if low > spec.max_additional_gmacs:
             raise UserError(
                 f"max_additional_gmacs={spec.max_additional_gmacs:g} rejects the whole search space: its cheapest configuration "
                 f"already adds {low:.4g} GMACs. Raise the budget or lower the search bounds (num_prompts, rank, depth)."
             )
+
+
+def cheapest_cost(spec: StudySpec) -> float:
+    """Additional GMACs of the cheapest corner of the space (every int/float knob at its low bound, each choice tried)."""
+    from apt_ray.profile.cost import trial_cost
+
+    params: dict[str, Any] = {}
+    combos: list[dict[str, Any]] = [{}]
+    for name, knob in spec.space().items():
+        if knob.type == "categorical":
+            combos = [{**c, name: v} for c in combos for v in knob.choices or []]
+        else:
+            params[name] = knob.bounds()[0]
+    return min(trial_cost(spec.train_config({**params, **c})).additional_gmacs for c in combos[:64])
 
 
 def _check_fixed(spec: StudySpec) -> None:

@@ -25,7 +25,7 @@ from apt_ray.train.ray_logs import QUIET_HOOK
 
 log = logging.getLogger("apt_ray.train")
 
-FORWARDED_ENV = ("APT_RAY_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+FORWARDED_ENV = ("APT_RAY_CACHE", "APT_RAY_FAIL_AT_STEP", "HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 PATH_KEYS = ("data_path", "checkpoint", "resume_from", "output_dir")
 CONNECT_TIMEOUT_S = 5.0
 def worker_env() -> dict[str, str]:
@@ -135,7 +135,9 @@ def connect(address: str | None) -> bool:
             ray.init(address=address, logging_level=logging.WARNING)
         else:
             local_ray_env()
-            ray.init(include_dashboard=False, logging_level=logging.WARNING,
+            # the dashboard (on the loopback address only) serves the State API that Ray Train's placement-group
+            # cleaner needs: without it, the workers' CPUs of a multi-worker trial Tune stopped would stay reserved
+            ray.init(include_dashboard=True, dashboard_host="127.0.0.1", logging_level=logging.WARNING,
                      runtime_env={"worker_process_setup_hook": QUIET_HOOK})
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = f"the Ray cluster at {address}" if address else "a local Ray instance"

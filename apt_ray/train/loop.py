@@ -29,7 +29,7 @@ from apt_ray.config import TrainConfig, build_train_config
 from apt_ray.errors import UserError
 from apt_ray.models.presets import build_backbone, get_preset
 from apt_ray.models.task_model import TaskModel
-from apt_ray.profile import profile
+from apt_ray.profile.cost import Profile, profile
 from apt_ray.tasks import SCORE_KEY, get_task, read_metric
 from apt_ray.train.checkpoint import load_checkpoint, save_checkpoint
 from apt_ray.train.recipes import get_recipe
@@ -38,6 +38,8 @@ from apt_ray.train.session import LocalSession, Session
 
 log = logging.getLogger("apt_ray.train")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# Fault-injection tests set this: the last rank of a run exits abruptly, once, at this global step.
+FAIL_AT_STEP_ENV = "APT_RAY_FAIL_AT_STEP"
 
 
 class Diverged(RuntimeError):
@@ -151,10 +153,8 @@ class Trainer:
         self.model = TaskModel(backbone, self.task.make_head(backbone, self.data), cls_token_id=cls_id or 0)
         self.applied = methods.apply(self.model, spec)
         self.model.to(self.device)
-        ds = self.data.spec
-        hw, self.profile_shape = cfg.profile_shape()
-        self.profile = profile(cfg.model, spec, text_len=ds.max_text_len, image_hw=hw, num_answers=self.task.head_width(self.data),
-                               config=backbone.config)
+        self.profile_shape = cfg.profile_shape()[1]
+        self._profile: Profile | None = None
         recipe = get_recipe(cfg.recipe)
         self.optimizer = build_optimizer(self.model, self.applied.groups, cfg.group_lrs(), cfg.weight_decay, cfg.adam_betas,
                                          recipe.decay_norm_and_bias)
@@ -169,6 +169,15 @@ class Trainer:
         self.carried_loss = (0.0, 0.0)  # (sum, count) over all ranks before a mid-epoch resume; rank 0 holds it
         self.history: list[dict[str, Any]] = []
         self.first_losses: list[float] = []  # losses of the first steps of this process (resume checks)
+
+    @property
+    def profile(self) -> Profile:
+        """The FLOPs profile at the trial's input shapes (measured on first use: a sweep's driver has it already)."""
+        if self._profile is None:
+            hw = self.cfg.profile_shape()[0]
+            self._profile = profile(self.cfg.model, self.cfg.method_spec(), text_len=self.data.spec.max_text_len, image_hw=hw,
+                                    num_answers=self.task.head_width(self.data), config=self.model.backbone.config)
+        return self._profile
 
     # -- state ---------------------------------------------------------------
     def meta(self) -> dict[str, Any]:
@@ -189,7 +198,14 @@ class Trainer:
         meta = self.meta()  # on every rank: it all-reduces the epoch's loss totals
         if self.session.rank == 0:
             directory = save_checkpoint(self.session.checkpoint_scratch() / f"step_{self.global_step:08d}", self.model, self.optimizer, self.scheduler, meta)
-        self.session.report(metrics, directory)
+        self.session.report({**metrics, **self.facts()}, directory)
+
+    def facts(self) -> dict[str, Any]:
+        """What every report carries beside the epoch's metrics: restarts, when this process took its first
+        step (start-up time), and what the trial actually used."""
+        first = self.started_unix + self.setup_s if self.setup_s is not None else None
+        return {"restarts": self.restarts, "first_step_unix": first, "used": {**self.preprocessing(),
+                "trainable_groups": self.applied.group_sizes(), "profile_shape": self.profile_shape}}
 
     # -- steps ---------------------------------------------------------------
     def _train_step(self, batch: dict[str, torch.Tensor]) -> float:
@@ -243,14 +259,14 @@ class Trainer:
         return {SCORE_KEY: metrics[task.score], **metrics}
 
     def _maybe_inject_failure(self) -> None:
-        step = self.cfg.inject_failure_at_step
-        if step is None or self.global_step != step or self.session.rank != self.session.world_size - 1:
+        step = os.environ.get(FAIL_AT_STEP_ENV, "")
+        if not step.isdigit() or self.global_step != int(step) or self.session.rank != self.session.world_size - 1:
             return
         marker = self.session.checkpoint_scratch().parent / f".failure_injected_at_{step}"
         if marker.exists():
             return
         marker.write_text("injected")
-        log.warning("injecting a worker failure at step %d (inject_failure_at_step)", step)
+        log.warning("injecting a worker failure at step %s (%s)", step, FAIL_AT_STEP_ENV)
         os._exit(17)
 
     def fit(self) -> dict[str, Any]:
@@ -290,12 +306,14 @@ class Trainer:
             samples = _all_sum([float(samples)], self.device)[0]
             train_loss = self._mean_loss(losses)
             evaluated = self.evaluate()
+            epoch_time = time.perf_counter() - t_epoch
             score = evaluated[SCORE_KEY]
             metrics = {
                 "epoch": self.epoch + 1, "global_step": self.global_step,
                 "train_loss": train_loss, **evaluated,
                 "samples_per_s": samples / elapsed if elapsed > 0 else 0.0,
                 "train_time_s": elapsed,  # rank 0's wall time over the epoch's training steps (no evaluation)
+                "epoch_time_s": epoch_time,  # training and evaluation (a resumed epoch: its part after the resume)
                 "step_time_ms": 1000 * statistics.median(step_times) if step_times else 0.0,
                 "lr": self.scheduler.get_last_lr()[0],
             }
@@ -348,9 +366,13 @@ class Trainer:
 
 
 def session_for(config: dict[str, Any], cfg: TrainConfig) -> Session:
-    if config.get("_ray"):
-        from apt_ray.train.ray_session import RaySession  # only under Ray Train
+    """Where the loop runs: a Ray Train worker (``_ray``), a one-worker Tune trial (``_tune``, its cost in ``_cost``),
+    or on its own."""
+    if config.get("_ray") or config.get("_tune"):
+        from apt_ray.train.ray_session import RaySession, TuneSession  # only under Ray
 
+        if config.get("_tune"):
+            return TuneSession(resume_from=cfg.resume_from, constants=config.get("_cost"))
         return RaySession(resume_from=cfg.resume_from)
     return LocalSession(cfg.output_dir or "results/train", cfg.resume_from)
 

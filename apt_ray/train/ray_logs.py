@@ -22,6 +22,8 @@ QUIET_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cl
 # Ray Train logs every report at INFO from a logger named after its file path, not "ray.train....",
 # so the run's LoggingConfig does not reach it
 REPORT_LOGGER_MODULE = "ray.train.v2._internal.execution.context"
+# a Tune trial's "Checkpoint successfully created at ..." line, one per epoch
+TUNE_CHECKPOINT_LOGGER = "ray.train._internal.storage"
 
 
 def _errors_only(record: logging.LogRecord) -> bool:
@@ -63,3 +65,4 @@ def quiet_ray_logs() -> None:
     report = report_logger_name()
     if report:
         _add_filter(logging.getLogger(report), _warnings_and_up)
+    _add_filter(logging.getLogger(TUNE_CHECKPOINT_LOGGER), _warnings_and_up)

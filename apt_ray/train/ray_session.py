@@ -1,9 +1,16 @@
-"""The session of a training loop run by Ray Train (V2) as one worker of a TorchTrainer.
+"""The sessions of a training loop under Ray: a Tune trial on its own, or one worker of a Ray Train TorchTrainer.
 
-Ranks come from ``ray.train.get_context()``; the checkpoint to resume from is the
-one Ray Train restores after a worker-group restart (``ray.train.get_checkpoint()``);
-reports go through ``ray.train.report``, which every rank calls (it is a barrier)
-while only rank 0 attaches a checkpoint. Imported only inside Ray Train workers.
+``TuneSession``: a one-worker trial runs the loop in the Tune trial's own
+process (no Train controller, no worker processes); it reports to Tune with
+``tune.report`` and resumes, after a Tune-level retry or a resumed sweep, from
+``tune.get_checkpoint()``.
+
+``RaySession``: ranks come from ``ray.train.get_context()``; the checkpoint to
+resume from is the one Ray Train restores after a worker-group restart
+(``ray.train.get_checkpoint()``); reports go through ``ray.train.report``, which
+every rank calls (it is a barrier) while only rank 0 attaches a checkpoint.
+
+Imported only inside Ray processes.
 """
 
 from __future__ import annotations
@@ -33,7 +40,32 @@ def _worker_threads() -> int:
     return max(1, math.floor(cpus))
 
 
-class RaySession:
+class _Restored:
+    """What both sessions share: the checkpoint Ray restored, and a scratch folder that outlives restarts."""
+
+    rank: int
+    resume_from: str | Path | None
+    _restored: Any
+    _work_dir: Path
+
+    def resume_checkpoint(self) -> Path | None:
+        """The checkpoint Ray restored (after a failure, or in a resumed sweep), else ``resume_from``, else None."""
+        if self._restored is None:
+            return user_resume_checkpoint(self.resume_from)
+        if getattr(self._restored.filesystem, "type_name", "") == "local" and Path(self._restored.path).is_dir():
+            return Path(self._restored.path)
+        target = self._work_dir / f"restore-rank{self.rank}"
+        shutil.rmtree(target, ignore_errors=True)
+        return Path(self._restored.to_directory(str(target)))
+
+    def checkpoint_scratch(self) -> Path:
+        """Where rank 0 writes ``step_N`` before reporting it."""
+        d = self._work_dir / "scratch"
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+
+class RaySession(_Restored):
     """A Ray Train worker: rank, world size, restored checkpoint, reports."""
 
     wait_for_commit: bool = True  # make each reported checkpoint durable before training on
@@ -63,22 +95,6 @@ class RaySession:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    def resume_checkpoint(self) -> Path | None:
-        """The checkpoint Ray Train restored (after a failure), else ``resume_from``, else None."""
-        if self._restored is None:
-            return user_resume_checkpoint(self.resume_from)
-        if getattr(self._restored.filesystem, "type_name", "") == "local" and Path(self._restored.path).is_dir():
-            return Path(self._restored.path)
-        target = self._work_dir / f"restore-rank{self.rank}"
-        shutil.rmtree(target, ignore_errors=True)
-        return Path(self._restored.to_directory(str(target)))
-
-    def checkpoint_scratch(self) -> Path:
-        """Where rank 0 writes ``step_N`` before reporting it (its parent outlives worker restarts)."""
-        d = self._work_dir / "scratch"
-        d.mkdir(parents=True, exist_ok=True)
-        return d
-
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None) -> None:
         """Report on every rank (a barrier); rank 0 attaches the checkpoint, deleted locally once persisted.
 
@@ -98,3 +114,34 @@ class RaySession:
         )
         if self.wait_for_commit:
             ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+
+
+class TuneSession(_Restored):
+    """A one-worker Tune trial: the loop runs in the trial's process; ``constants`` join every report (the trial's
+    closed-form cost, which Tune and Optuna read as an objective)."""
+
+    world_size = 1
+    rank = 0
+
+    def __init__(self, resume_from: str | Path | None = None, constants: dict[str, Any] | None = None) -> None:
+        from ray import tune
+
+        self.constants = dict(constants or {})
+        self.resume_from = resume_from
+        self._restored = tune.get_checkpoint()
+        self.is_restart = self._restored is not None
+        # outside the trial's directory, whose files Tune copies to the sweep's storage in the background
+        self._work_dir = Path(tempfile.gettempdir()) / "apt_ray" / tune.get_context().get_trial_id()
+        self._work_dir.mkdir(parents=True, exist_ok=True)
+        torch.set_num_threads(_worker_threads())
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None) -> None:
+        """Report to Tune; a checkpoint is persisted to the trial's storage by Tune, then its scratch copy removed."""
+        from ray import tune
+
+        clean = {**self.constants, **{k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()}}
+        if checkpoint_dir is None:
+            tune.report(clean)
+            return
+        tune.report(clean, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)

@@ -1,12 +1,17 @@
-"""FLOPs profile of a model with a method: measured (torch's flop counter) and analytic.
+"""The cost of a method on a backbone, in one place: the measured profile (torch's flop counter) beside the
+methods' closed forms, and the closed form alone on a weightless model (what a FLOPs budget checks).
 
 Cost is reported in GMACs, one multiply-add = one FLOP as in the APT paper and
-fvcore, so the flop counter's totals (2 per multiply-add) are halved.
+fvcore, so the flop counter's totals (2 per multiply-add) are halved. The
+budget of a sweep, its trials and ``apt-ray profile`` all call this module.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils import flop_counter
@@ -17,6 +22,9 @@ from apt_ray import methods
 from apt_ray.methods.spec import MethodSpec
 from apt_ray.models.presets import build_backbone, get_preset
 from apt_ray.models.vqa import VQAModel
+
+if TYPE_CHECKING:
+    from apt_ray.config import TrainConfig
 
 VQAV2_ANSWERS = 3129
 # The layout knobs a profile reports per method (besides its sites and trained extras).
@@ -155,3 +163,73 @@ def profile(
         head_params=head, trainable_groups=groups, per_site=per_site,
         layout={k: getattr(applied.spec, k) for k in ("sites", *LAYOUT_KNOBS.get(method.name, ()))} | {"train_extras": list(applied.extras)},
     )
+
+
+# -- closed forms on the meta device: no weights, no compute -----------------------------------------
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """What bounds a search over a backbone: layers that can carry a method, and the width."""
+
+    model: str
+    num_layers: int
+    hidden_size: int
+
+
+@lru_cache(maxsize=None)
+def model_limits(model: str) -> ModelLimits:
+    """Layer count and hidden size of a preset (``UserError`` for an unknown preset)."""
+    get_preset(model)
+    with torch.device("meta"):
+        backbone = build_backbone(model)
+    return ModelLimits(model, int(backbone.num_layers), int(backbone.hidden_size))
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Closed-form cost of one method configuration."""
+
+    additional_gmacs: float
+    updated_params: int
+    sites: int
+
+
+def closed_form_cost(model: str, spec: MethodSpec, text_len: int, image_hw: tuple[int, int],
+                     config: PretrainedConfig | None = None) -> Cost:
+    """Additional GMACs and updated parameters from the methods' analytic formulas (what :func:`profile` reports as
+    ``analytic_*``), on a weightless model; ``config``: a checkpoint's backbone config when it differs from the preset's."""
+    config_json = None if config is None else config.to_json_string()
+    return _closed_form(model, spec.model_dump_json(), text_len, (int(image_hw[0]), int(image_hw[1])), config_json)
+
+
+@lru_cache(maxsize=4096)
+def _closed_form(model: str, spec_json: str, text_len: int, image_hw: tuple[int, int], config_json: str | None) -> Cost:
+    spec = MethodSpec.model_validate_json(spec_json)
+    preset = get_preset(model)
+    image_tokens = (image_hw[0] // preset.patch_size) * (image_hw[1] // preset.patch_size) + 1
+    config = None if config_json is None else preset.backbone.config_from_dict(json.loads(config_json))
+    with torch.device("meta"):
+        vqa = VQAModel(build_backbone(model, config=config), 2)
+        applied = methods.apply(vqa, spec)
+    lengths = vqa.backbone.stream_lengths(text_len, image_tokens)
+    macs = sum(applied.analytic_breakdown(text_len, image_tokens, lengths).values())
+    return Cost(macs / 1e9, int(applied.analytic_params()), len(applied.sites))
+
+
+def trial_cost(cfg: "TrainConfig") -> Cost:
+    """Closed-form cost of a trial config at the shapes its data will have (a checkpoint's config wins)."""
+    from apt_ray.models.presets import checkpoint_config
+
+    return closed_form_cost(cfg.model, cfg.method_spec(), cfg.text_len, cfg.profile_shape()[0],
+                            checkpoint_config(cfg.model, cfg.checkpoint))
+
+
+def trial_profile(cfg: "TrainConfig") -> dict[str, Any]:
+    """The measured profile of a trial config at its input shapes, JSON-ready (a sweep's ``flops_profile.json``)."""
+    from apt_ray.models.presets import checkpoint_config
+
+    prof = profile(cfg.model, cfg.method_spec(), text_len=cfg.text_len, image_hw=cfg.profile_shape()[0],
+                   num_answers=cfg.answer_top_k, config=checkpoint_config(cfg.model, cfg.checkpoint))
+    data = prof.to_dict()
+    data["num_answers_assumed"] = cfg.answer_top_k  # the head width counted in base_gmacs (additional_* do not depend on it)
+    return data
