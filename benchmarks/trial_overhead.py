@@ -1,16 +1,21 @@
-"""The platform's own overhead per trial: Ray Train (1 worker) against the standalone loop, same model and data.
+"""The platform's own overhead per trial: a sweep's one-worker trial against the standalone loop, same model and data.
 
-Both run ``train_loop_per_worker`` on the same config with the same number of
-CPU threads (the Ray worker reserves that many CPUs; Ray sets its thread count
-from them). Runs are interleaved (standalone, Ray, standalone, Ray, ...) and
-medians reported, so a load change on the machine hits both alike.
+One Tune experiment runs, one at a time in one reused trial process (as a sweep's
+trials run in each of its slots), pairs of trials in turn: the standalone loop
+(``train_loop_per_worker`` called directly, no Tune session) and a sweep trial
+(``apt_ray.sweep.trial.run_trial``: the loop in the trial's process, reporting
+each epoch to Tune and checkpointing through it). Both use the same CPU threads.
+Medians over the pairs are reported, so a load change on the machine hits both.
 
-- start-up: wall time from the call (``trainer.fit()`` for Ray) to the loop's
-  first training step. For Ray this includes the Train controller, the worker
-  process and its imports, the process group, then the loop's own set-up.
-- start-up overhead: Ray's start-up minus the standalone one.
-- throughput ratio: Ray's training samples/s over the standalone loop's
-  (each measured over the training steps only; the goal is at least 0.95).
+- start-up: for the standalone loop, wall time from its call to its first
+  training step; for a sweep trial, from the driver's ``on_trial_start`` to the
+  trial's first step (Tune's scheduling, the function's dispatch, the loop's
+  set-up). The overhead is the difference.
+- process start: the first trial of a slot also starts its process (Python,
+  torch, transformers, apt_ray imports); measured on a first, unpaired sweep
+  trial and reported on its own: a sweep pays it once per slot.
+- throughput ratio: the sweep trial's training samples/s over the standalone
+  loop's (each over the training steps only; goal >= 0.97).
 
     python benchmarks/trial_overhead.py --json overhead.json
 """
@@ -25,65 +30,108 @@ import tempfile
 import time
 from typing import Any
 
-from apt_ray.config import build_train_config
 from apt_ray.errors import UserError
 
 DEFAULTS = {"model": "tiny-meter", "method": "apt", "num_prompts": 16, "rank": 4, "epochs": 2, "batch_size": 32,
             "max_train_questions": 1024, "max_val_questions": 128, "seed": 0}
+MODES = ("standalone", "sweep_trial")
 
 
-def run_standalone(config: dict[str, Any], threads: int) -> dict[str, Any]:
-    import torch
+def bench_trial(config: dict[str, Any], plan: Any) -> None:
+    """A trial of the benchmark: the standalone loop (reporting its own figures once) or a sweep trial."""
+    from ray import tune
 
-    from apt_ray.train.loop import train_loop_per_worker
+    from apt_ray.sweep.trial import run_trial
+    from apt_ray.train.loop import train_loop_per_worker  # imported before timing: the process is warm in both modes
 
-    torch.set_num_threads(threads)
-    with tempfile.TemporaryDirectory() as out:
-        t0 = time.time()
-        res = train_loop_per_worker({**config, "output_dir": out})
-        return measured(res, t0, time.time())
-
-
-def run_ray(config: dict[str, Any], threads: int) -> dict[str, Any]:
-    from apt_ray.train.distributed import final_metrics, make_trainer
-
-    with tempfile.TemporaryDirectory() as out:
-        trainer = make_trainer(config, workers=1, use_gpu=False, storage_path=out, name="overhead",
-                               resources_per_worker={"CPU": threads})
-        t0 = time.time()
-        res = final_metrics(trainer.fit(), 1)
-        return measured(res, t0, time.time())
+    mode = config["_bench"]
+    settings = {k: v for k, v in config.items() if k != "_bench"}
+    if mode == "standalone":
+        with tempfile.TemporaryDirectory() as out:
+            t0 = time.time()
+            res = train_loop_per_worker({**settings, "output_dir": out})
+        tune.report({"startup_s": res["started_unix"] - t0 + res["setup_s"], "samples_per_s": res["samples_per_s"],
+                     "val_score": res["val_score"], "global_step": res["global_step"], "threads": res["torch_threads"]})
+    else:
+        run_trial(settings, plan)
 
 
-def measured(res: dict[str, Any], t0: float, t1: float) -> dict[str, Any]:
-    startup = res["started_unix"] - t0 + res["setup_s"]
-    return {"startup_s": startup, "wall_s": t1 - t0, "samples_per_s": res["samples_per_s"], "threads": res["torch_threads"],
-            "val_score": res["val_score"], "global_step": res["global_step"]}
+def make_recorder() -> Any:
+    from ray.tune import Callback
+
+    class Recorder(Callback):
+        """Per trial: its mode, the driver's start time, and what it reported."""
+
+        def __init__(self) -> None:
+            self.rows: dict[str, dict[str, Any]] = {}
+
+        def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self.rows[trial.trial_id] = {"mode": trial.config["_bench"], "started": time.time(), "results": []}
+
+        def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict[str, Any], **info: Any) -> None:
+            self.rows[trial.trial_id]["results"].append(dict(result))
+
+    return Recorder()
+
+
+def measured(row: dict[str, Any]) -> dict[str, Any]:
+    """One trial's start-up, throughput and score, from what it reported."""
+    results = row["results"]
+    if row["mode"] == "standalone":
+        r = results[-1]
+        return {"mode": "standalone", "startup_s": r["startup_s"], "samples_per_s": r["samples_per_s"], "val_score": r["val_score"],
+                "global_step": r["global_step"], "threads": r["threads"]}
+    epochs = [r for r in results if "val_score" in r]
+    return {"mode": "cold" if row["mode"] == "cold" else "sweep_trial", "startup_s": epochs[0]["first_step_unix"] - row["started"],
+            "samples_per_s": statistics.fmean(r["samples_per_s"] for r in epochs), "val_score": epochs[-1]["val_score"],
+            "global_step": epochs[-1]["global_step"]}
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Medians per mode and the two figures the README reports."""
-    med = {mode: {k: statistics.median(r[k] for r in rows if r["mode"] == mode) for k in ("startup_s", "wall_s", "samples_per_s")}
-           for mode in ("standalone", "ray_train")}
-    return {"median": med,
-            "startup_overhead_s": med["ray_train"]["startup_s"] - med["standalone"]["startup_s"],
-            "throughput_ratio": med["ray_train"]["samples_per_s"] / med["standalone"]["samples_per_s"]}
+    """Medians per mode and the figures the results doc reports."""
+    med = {mode: {k: statistics.median(r[k] for r in rows if r["mode"] == mode) for k in ("startup_s", "samples_per_s")}
+           for mode in MODES}
+    out = {"median": med,
+           "startup_overhead_s": med["sweep_trial"]["startup_s"] - med["standalone"]["startup_s"],
+           "throughput_ratio": med["sweep_trial"]["samples_per_s"] / med["standalone"]["samples_per_s"]}
+    cold = [r["startup_s"] for r in rows if r["mode"] == "cold"]
+    if cold:
+        out["process_start_s"] = cold[0] - med["sweep_trial"]["startup_s"]
+    return out
+
+
+def run(config: dict[str, Any], repeats: int, threads: int) -> list[dict[str, Any]]:
+    from ray import tune
+
+    from apt_ray.sweep.trial import TrialPlan
+    from apt_ray.train.distributed import worker_env
+
+    plan = TrialPlan(cpus_per_worker=threads, env=worker_env())
+    order = ["cold", *[m for _ in range(repeats) for m in MODES]]
+    recorder = make_recorder()
+    with tempfile.TemporaryDirectory() as storage:
+        tune.Tuner(
+            tune.with_resources(tune.with_parameters(bench_trial, plan=plan), plan.trial_resources()),
+            param_space={**config, "_bench": tune.grid_search(order)},
+            tune_config=tune.TuneConfig(max_concurrent_trials=1, reuse_actors=True),
+            run_config=tune.RunConfig(storage_path=storage, name="overhead", verbose=0, callbacks=[recorder]),
+        ).fit()
+    return [measured(row) for row in recorder.rows.values()]
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--repeats", type=int, default=3, help="interleaved pairs of runs (medians reported)")
-    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="CPU threads of both runs")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved pairs of trials (medians reported)")
+    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="CPU threads of every trial")
     p.add_argument("--json", default=None, help="write the rows and the summary here")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="trial settings (apt-ray train keys)")
     args = p.parse_args(argv)
     try:
         if args.repeats < 1 or args.threads < 1:
             raise UserError("--repeats and --threads must be positive numbers.")
-        from apt_ray.config import parse_overrides
+        from apt_ray.config import build_train_config, parse_overrides
 
         cfg = build_train_config(overrides={**DEFAULTS, "pretrained": True, **parse_overrides(args.overrides)})
-        config = cfg.model_dump()
         import ray
 
         from apt_ray.train.distributed import connect
@@ -96,21 +144,19 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"trial_overhead.py: error: {e}", file=sys.stderr)
         return 2
-    rows = []
-    for i in range(args.repeats):
-        for mode, fn in (("standalone", run_standalone), ("ray_train", run_ray)):
-            r = {"mode": mode, "repeat": i, **fn(config, args.threads)}
-            rows.append(r)
-            print(f"{mode:10s} #{i}: start-up {r['startup_s']:6.2f} s, wall {r['wall_s']:6.1f} s, "
-                  f"{r['samples_per_s']:6.1f} samples/s ({r['threads']} threads), val {r['val_score']:.2f}", flush=True)
+    config = {k: v for k, v in cfg.model_dump().items() if v is not None}
+    rows = run(config, args.repeats, args.threads)
+    for r in rows:
+        print(f"{r['mode']:12s}: start-up {r['startup_s']:6.2f} s, {r['samples_per_s']:6.1f} samples/s, val {r['val_score']:.2f}")
     s = summarise(rows)
-    print(f"\n{cfg.model} / {cfg.method}, {rows[0]['global_step']} steps, {args.threads} threads, medians of {args.repeats}:")
-    print("| | start-up to first step (s) | trial wall time (s) | training samples/s |\n|---|---|---|---|")
-    for mode in ("standalone", "ray_train"):
+    print(f"\n{cfg.model} / {cfg.method}, {rows[-1]['global_step']} steps, {args.threads} threads, medians of {args.repeats} pairs:")
+    print("| | start-up to first step (s) | training samples/s |\n|---|---|---|")
+    for mode in MODES:
         m = s["median"][mode]
-        print(f"| {mode} | {m['startup_s']:.2f} | {m['wall_s']:.1f} | {m['samples_per_s']:.1f} |")
-    print(f"\nRay Train start-up overhead per trial: {s['startup_overhead_s']:.2f} s; "
-          f"throughput ratio Ray Train / standalone: {s['throughput_ratio']:.3f} (goal >= 0.95)")
+        print(f"| {mode} | {m['startup_s']:.2f} | {m['samples_per_s']:.1f} |")
+    print(f"\nstart-up overhead per sweep trial: {s['startup_overhead_s']:.2f} s; throughput ratio sweep trial / standalone: "
+          f"{s['throughput_ratio']:.3f} (goal >= 0.97); a slot's first trial also starts its process: "
+          f"{s.get('process_start_s', float('nan')):.2f} s once")
     if args.json:
         from apt_ray.io import write_json_atomic
 

@@ -17,15 +17,32 @@ def _load(name: str):
 
 def test_trial_overhead_summary_uses_medians_side_by_side() -> None:
     bench = _load("trial_overhead")
-    rows = [{"mode": m, "startup_s": s, "wall_s": w, "samples_per_s": t}
-            for m, s, w, t in [("standalone", 2.0, 10.0, 100.0), ("ray_train", 9.0, 20.0, 96.0),
-                               ("standalone", 3.0, 11.0, 90.0), ("ray_train", 7.0, 18.0, 99.0),
-                               ("standalone", 50.0, 60.0, 110.0), ("ray_train", 8.0, 19.0, 10.0)]]
+    rows = [{"mode": m, "startup_s": s, "samples_per_s": t}
+            for m, s, t in [("cold", 6.0, 95.0),
+                            ("standalone", 2.0, 100.0), ("sweep_trial", 2.5, 96.0),
+                            ("standalone", 3.0, 90.0), ("sweep_trial", 3.4, 99.0),
+                            ("standalone", 50.0, 110.0), ("sweep_trial", 3.2, 10.0)]]
     s = bench.summarise(rows)
-    assert s["median"]["standalone"] == {"startup_s": 3.0, "wall_s": 11.0, "samples_per_s": 100.0}
-    assert s["median"]["ray_train"] == {"startup_s": 8.0, "wall_s": 19.0, "samples_per_s": 96.0}
-    assert s["startup_overhead_s"] == pytest.approx(5.0)  # one outlier per mode does not move a median
+    assert s["median"]["standalone"] == {"startup_s": 3.0, "samples_per_s": 100.0}
+    assert s["median"]["sweep_trial"] == {"startup_s": 3.2, "samples_per_s": 96.0}
+    assert s["startup_overhead_s"] == pytest.approx(0.2)  # one outlier per mode does not move a median
     assert s["throughput_ratio"] == pytest.approx(0.96)
+    assert s["process_start_s"] == pytest.approx(6.0 - 3.2)  # the cold trial's extra, over a warm sweep trial
+
+
+def test_trial_overhead_measures_from_what_trials_report() -> None:
+    """Standalone: its own start-up figure; a sweep trial: from the driver's start to its first step, throughput
+    averaged over its epochs."""
+    bench = _load("trial_overhead")
+    standalone = {"mode": "standalone", "started": 0.0, "results": [{"startup_s": 0.4, "samples_per_s": 80.0, "val_score": 9.0,
+                                                                    "global_step": 10, "threads": 2}]}
+    sweep = {"mode": "sweep_trial", "started": 100.0, "results": [
+        {"epoch": 1, "val_score": 5.0, "samples_per_s": 70.0, "first_step_unix": 100.75, "global_step": 5},
+        {"epoch": 1, "global_step": 7, "partial_epoch": True},  # a mid-epoch checkpoint: not an epoch
+        {"epoch": 2, "val_score": 9.0, "samples_per_s": 90.0, "first_step_unix": 100.75, "global_step": 10}]}
+    assert bench.measured(standalone)["startup_s"] == 0.4
+    m = bench.measured(sweep)
+    assert m["startup_s"] == pytest.approx(0.75) and m["samples_per_s"] == pytest.approx(80.0) and m["val_score"] == 9.0
 
 
 def test_trial_overhead_refuses_bad_flags(capsys: pytest.CaptureFixture[str]) -> None:

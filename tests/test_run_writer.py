@@ -149,8 +149,9 @@ def test_a_run_created_before_a_kill_is_not_created_twice(store: tuple[str, str]
 TINY = {"pretrained": False, "num_train_images": 16, "num_val_images": 8, "questions_per_image": 2, "batch_size": 8, "rank": 4}
 
 
-def trial(trial_id: str, config: dict[str, Any], last: dict[str, Any] | None = None, error: str | None = None) -> Any:
-    return SimpleNamespace(trial_id=trial_id, config=config, last_result=last or {}, get_error=lambda: error)
+def trial(trial_id: str, config: dict[str, Any], last: dict[str, Any] | None = None, error_file: Path | None = None) -> Any:
+    """What the callback reads of a Tune trial; its error, as Tune leaves it, in the driver's local error file."""
+    return SimpleNamespace(trial_id=trial_id, config=config, last_result=last or {}, error_file=error_file, get_error=lambda: None)
 
 
 def make_callback(uri: str, exp: str, directory: Path) -> Any:
@@ -177,12 +178,15 @@ def test_callback_writes_one_nested_run_per_trial(store: tuple[str, str], tmp_pa
     cb.on_trial_start(0, [], t1)
     for epoch in (1, 1, 2):  # a repeated epoch (a trial resumed from its checkpoint) is logged once
         cb.on_trial_result(0, [], t1, {"epoch": epoch, "val_score": 10.0 * epoch, "val_vqa_score": 10.0 * epoch, "train_loss": 1.0,
-                                       "epoch_time_s": 0.5, "restarts": 0, "first_step_unix": started + 1.5,
+                                       "epoch_time_s": 0.5, "restarts": 0, "first_step_unix": started + 1.5, "ray_node_id": "n1",
                                        "used": {"tokenizer": "synthetic", "recipe": "embedded"}})
     cb.on_trial_result(0, [], t1, {"epoch": 2, "global_step": 7, "partial_epoch": True})  # a mid-epoch checkpoint: nothing
     t1.last_result = {"epoch": 2}
     cb.on_trial_complete(0, [], t1)
-    t2 = trial("t2", {**config, "num_prompts": 4}, error="apt_ray.train.loop.Diverged: training diverged at step 3: loss is nan.")
+    error = tmp_path / "error.txt"
+    error.write_text("Failure # 1\nTraceback (most recent call last):\n  ...\n"
+                     "apt_ray.train.loop.Diverged: training diverged at step 3: loss is nan.\n")
+    t2 = trial("t2", {**config, "num_prompts": 4}, error_file=error)
     cb.on_trial_start(0, [], t2)
     cb.on_trial_error(0, [], t2)
     cb.over_budget(7, {**config, "num_prompts": 64}, "over the FLOPs budget: 1 > 0.5")
@@ -199,7 +203,7 @@ def test_callback_writes_one_nested_run_per_trial(store: tuple[str, str], tmp_pa
     assert r1.data.metrics["additional_gmacs"] == pytest.approx(cost.additional_gmacs)
     assert r1.data.metrics["startup_s"] == pytest.approx(1.5, abs=0.5)
     assert r1.data.params["num_prompts"] == "8" and r1.data.params["workers"] == "1" and r1.data.params["recipe"] == "embedded"
-    assert r1.data.params["tokenizer"] == "synthetic"
+    assert r1.data.params["tokenizer"] == "synthetic" and r1.data.tags["ray_node_id"] == "n1"
     profile = json.loads(Path(c.download_artifacts(r1.info.run_id, "flops_profile.json")).read_text())
     assert profile["additional_gmacs"] == pytest.approx(cost.additional_gmacs) and len(profile["per_site"]) == profile["sites"] == cost.sites > 0
     assert "profile_mismatch" not in r1.data.tags

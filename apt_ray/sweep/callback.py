@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -58,9 +58,11 @@ def run_name(config: dict[str, Any], searched: list[str]) -> str:
 
 
 def trial_error(trial: Any) -> str:
-    """The last line of a Tune trial's error (its exception message), or a generic phrase."""
+    """The last line of a Tune trial's error (its exception message), or a generic phrase. Read from the driver's own
+    copy of the error file: the one in the sweep's storage is written later."""
     try:
-        text = str(trial.get_error() or "")
+        local = getattr(trial, "error_file", None)
+        text = Path(local).read_text() if local and Path(local).is_file() else str(trial.get_error() or "")
     except Exception:  # noqa: BLE001 - the error file may be missing or unreadable
         text = ""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
@@ -87,7 +89,6 @@ class MlflowSweepCallback(Callback):
         self.searched = list(spec.space())
         self.resources = spec.resources.model_dump()
         self._profiler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flops-profile")
-        self._profiles: list[Future] = []
         self._started: dict[str, float] = {}
 
     # Tune pickles its run config (and the searcher that holds this): what travels is the description; a restored
@@ -136,7 +137,7 @@ class MlflowSweepCallback(Callback):
         self.writer.params(key, self.params(config))
         cost = trial.config.get(COST_KEY) or self.cost(config)
         self.writer.metrics(key, cost)
-        self._profiles.append(self._profiler.submit(self._log_profile, key, config, cost))
+        self._profiler.submit(self._log_profile, key, config, cost)
 
     def _log_profile(self, key: str, config: dict[str, Any], cost: dict[str, float]) -> None:
         try:
@@ -161,6 +162,7 @@ class MlflowSweepCallback(Callback):
             self.writer.mark(key, epoch=epoch)
         if "used" in result and not marks.get("used"):
             self.writer.params(key, result["used"])
+            self.writer.tags(key, {"ray_node_id": result.get("ray_node_id")})
             self.writer.mark(key, used=True)
         first_step = result.get("first_step_unix")
         if first_step and not marks.get("startup") and not result.get("restarts") and key in self._started:

@@ -86,11 +86,7 @@ def _main(args: argparse.Namespace, config: str | None) -> int:
     storage = args.storage_path
     if args.resume:
         explicit = bool(args.config or overrides)
-        if storage is None:
-            found = latest_sweep(spec.name)
-            if found is None:
-                raise UserError(f"--resume: no earlier sweep of study '{spec.name}' under ./ray_results: pass the --storage-path of the sweep to continue.")
-            storage = str(found.root)
+        storage = storage or str(latest_sweep(spec.name).root)
         result = run_study(spec if explicit else None, address=args.address, tracking_uri=args.tracking_uri,
                            experiment=args.experiment, storage_path=storage, resume=True)
     else:

@@ -13,7 +13,7 @@ from typing import Any
 
 from apt_ray.errors import UserError
 from apt_ray.sweep.spec import StudySpec, check_data, check_spec
-from apt_ray.sweep.store import Manifest, SweepDir
+from apt_ray.sweep.store import Manifest, SweepDir, latest_sweep
 from apt_ray.sweep.trial import TrialPlan
 from apt_ray.tracking import mlflow as mt
 from apt_ray.tracking.writer import RunWriter, experiment_id
@@ -53,15 +53,9 @@ def _node_ips() -> list[str]:
 def _sweep_dir(spec: StudySpec | None, storage_path: str | None, resume: bool) -> SweepDir:
     if storage_path:
         return SweepDir(storage_path)
-    if resume:
-        from apt_ray.sweep.store import latest_sweep
-
-        found = latest_sweep(spec.name) if spec else None
-        if found is None:
-            raise UserError(f"--resume: no earlier sweep of study '{spec.name if spec else '?'}' under ./ray_results: "
-                            "pass the --storage-path of the sweep to continue.")
-        return found
-    return SweepDir.default(spec.name)
+    if spec is None:
+        raise UserError("--resume needs the --storage-path of the sweep to continue (or the study, to find its latest sweep).")
+    return latest_sweep(spec.name) if resume else SweepDir.default(spec.name)
 
 
 def _resume_spec(manifest: Manifest, spec: StudySpec | None) -> StudySpec:

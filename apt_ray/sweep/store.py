@@ -105,8 +105,9 @@ class SweepDir:
         return manifest
 
 
-def latest_sweep(name: str, base: str | Path = "ray_results") -> SweepDir | None:
+def latest_sweep(name: str, base: str | Path = "ray_results") -> SweepDir:
     """The newest sweep directory of study ``name`` under ``base`` (for ``--resume`` without a path)."""
-    root = Path(base)
-    found = sorted((p for p in root.glob(f"{name}-*") if (p / MANIFEST).is_file()), key=lambda p: p.name)
-    return SweepDir(found[-1]) if found else None
+    found = sorted((p for p in Path(base).glob(f"{name}-*") if (p / MANIFEST).is_file()), key=lambda p: p.name)
+    if not found:
+        raise UserError(f"--resume: no earlier sweep of study '{name}' under ./{base}: pass the --storage-path of the sweep to continue.")
+    return SweepDir(found[-1])

@@ -113,21 +113,32 @@ def format_table(rows: Sequence[Row], columns: Sequence[tuple[str, str, str]] = 
 # -- the parent run's summary ----------------------------------------------------------------
 
 def log_summary(writer: Any, parent: str, rows: list[Row], front: list[Row], figures_dir: Path) -> list[Path]:
-    """Trials and front tables, the figures, and count metrics on the parent run (key ``parent`` of ``writer``);
-    returns the figure paths."""
-    from apt_ray.sweep.figures import plot_front, plot_score_vs_prompts  # matplotlib (Agg) only when figures are drawn
+    """Trials and front tables, the figures (those of ``apt_ray.analysis.plots``) and count metrics on the parent run
+    (key ``parent`` of ``writer``); returns the figure paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # the driver draws into files only
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from apt_ray.analysis import plots
 
     writer.table(parent, rows, "trials.json")
     writer.table(parent, front, "pareto_front.json")
-    trained = [r for r in rows if r["status"] in TRAINED]
-    figures = [plot_front(trained, front, figures_dir / "pareto_front.png"),
-               plot_score_vs_prompts(trained, figures_dir / "score_vs_prompts.png")]
-    for path in figures:
-        writer.file(parent, path, "figures")
-    scores = [r[SCORE_KEY] for r in trained if isinstance(r.get(SCORE_KEY), float)]
+    trained = pd.DataFrame([r for r in rows if r["status"] in TRAINED], columns=[*KNOBS, *METRICS])
+    drawn = {"pareto_front.png": plots.pareto(trained, pd.DataFrame(front, columns=trained.columns)),
+             "score_vs_prompts.png": plots.score_by_knob(trained) or plots.score_vs_prompts(trained)}
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    figures = []
+    for name, fig in drawn.items():
+        fig.savefig(figures_dir / name)
+        plt.close(fig)
+        writer.file(parent, figures_dir / name, "figures")
+        figures.append(figures_dir / name)
+    scores = trained[SCORE_KEY].dropna()
     summary: dict[str, Any] = {f"trials_{k}": v for k, v in counts(rows).items()}
     summary.update({"trials_total": len(rows), "pareto_size": len(front)})
-    if scores:
-        summary[f"best_{SCORE_KEY}"] = max(scores)
+    if len(scores):
+        summary[f"best_{SCORE_KEY}"] = float(scores.max())
     writer.metrics(parent, summary)
     return figures

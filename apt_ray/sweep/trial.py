@@ -59,6 +59,7 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
 
 
 def _run_trainer(config: dict[str, Any], plan: TrialPlan) -> None:
+    import ray
     from ray import tune
     from ray.train import TrainingFailedError
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -70,7 +71,9 @@ def _run_trainer(config: dict[str, Any], plan: TrialPlan) -> None:
 
         def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
             if "partial_epoch" not in metrics[0]:
-                super().after_report(run_context, [{**config.get(COST_KEY, {}), **metrics[0]}], checkpoint)
+                super().after_report(run_context, [{**constants, **metrics[0]}], checkpoint)
+
+    constants = {**config.get(COST_KEY, {}), "ray_node_id": ray.get_runtime_context().get_node_id()}
 
     trainer = make_trainer({k: v for k, v in config.items() if k != COST_KEY}, workers=plan.workers,
                            use_gpu=plan.gpus_per_worker > 0, storage_path=plan.train_storage, name=tune.get_context().get_trial_id(),

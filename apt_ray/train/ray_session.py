@@ -118,7 +118,7 @@ class RaySession(_Restored):
 
 class TuneSession(_Restored):
     """A one-worker Tune trial: the loop runs in the trial's process; ``constants`` join every report (the trial's
-    closed-form cost, which Tune and Optuna read as an objective)."""
+    closed-form cost, which Tune and Optuna read as an objective, and the node it runs on)."""
 
     world_size = 1
     rank = 0
@@ -126,7 +126,7 @@ class TuneSession(_Restored):
     def __init__(self, resume_from: str | Path | None = None, constants: dict[str, Any] | None = None) -> None:
         from ray import tune
 
-        self.constants = dict(constants or {})
+        self.constants = {**(constants or {}), "ray_node_id": ray.get_runtime_context().get_node_id()}
         self.resume_from = resume_from
         self._restored = tune.get_checkpoint()
         self.is_restart = self._restored is not None
