@@ -72,9 +72,9 @@ def log_to_mlflow(uri: str, experiment: str, cfg: Any, args: argparse.Namespace,
                   samples: dict[int, list[float]], spool: Path) -> str:
     """One run: settings as params, throughput and efficiency at step = workers, the rows as a table."""
     from apt_ray.tracking import mlflow as mt
-    from apt_ray.tracking.writer import RunWriter, experiment_id
+    from apt_ray.tracking.writer import RunWriter
 
-    writer = RunWriter.open(uri, experiment_id(uri, experiment), spool)
+    writer = RunWriter.open(uri, experiment, spool)
     commit = mt.git_commit()
     key = "scaling"
     writer.create(key, f"scaling-{cfg.model}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}",

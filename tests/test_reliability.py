@@ -104,7 +104,9 @@ def test_no_secrets_in_logged_params_or_tags(tmp_path: Path, monkeypatch: pytest
     uri = f"http://alice:{secret}@mlflow.example:5000"
     spec = StudySpec(tracking_uri=uri, fixed={"epochs": 1})
     plan = _plan(spec, SweepDir(tmp_path / "sweep"))
-    callback = MlflowSweepCallback(spec, uri, "1", tmp_path / "sweep", commit="c")
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "mlflow_runs.json").write_text('{"experiment_id": "1"}')  # no lookup on the made-up server
+    callback = MlflowSweepCallback(spec, uri, "e", tmp_path / "sweep", commit="c")
     logged = [_parent_params(spec, spec.space()), callback.params(spec.base_config()), callback.tags("t1", "running"),
               mt.safe_params({"note": f"see {uri}", "api_token": secret, "db_password": secret}), plan]
     assert secret not in json.dumps(logged, default=str)

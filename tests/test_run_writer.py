@@ -51,8 +51,8 @@ def test_experiment_is_found_not_created_twice(store: tuple[str, str], tmp_path:
 
 def test_nested_runs_params_metrics_artifacts(store: tuple[str, str], tmp_path: Path) -> None:
     uri, exp = store
-    writer = w.RunWriter.open(uri, exp, tmp_path / "sweep")
-    assert w.RunWriter.open(uri, exp, tmp_path / "sweep") is writer  # one writer per directory
+    writer = w.RunWriter.open(uri, "unit", tmp_path / "sweep")
+    assert w.RunWriter.open(uri, "unit", tmp_path / "sweep") is writer  # one writer per directory
     writer.create("sweep", "sweep-x", {mt.KIND_TAG: "sweep"})
     writer.create("t1", "apt-p8", {mt.TRIAL_TAG: "t1"}, parent="sweep")
     writer.params("t1", {"lr": 0.1, "num_prompts": 8, "api_token": "s3cret"})
@@ -84,12 +84,12 @@ def test_an_outage_loses_nothing_and_keeps_the_order(store: tuple[str, str], tmp
     them in the order they were made, with the times they were measured at."""
     uri, exp = store
     directory = tmp_path / "sweep"
-    first = w.RunWriter.open(uri, exp, directory)
+    first = w.RunWriter.open(uri, "unit", directory)
     first.create("sweep", "sweep-x", {})
     first.create("t1", "t1", {}, parent="sweep")
     assert first.close(timeout=60)
 
-    down = w.RunWriter.open(f"http://127.0.0.1:{free_port()}", exp, directory)
+    down = w.RunWriter.open(f"http://127.0.0.1:{free_port()}", "unit", directory)  # its experiment's id: from the ledger
     t0 = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="apt_ray.tracking"):
         down.params("t1", {"lr": 0.01})
@@ -105,7 +105,7 @@ def test_an_outage_loses_nothing_and_keeps_the_order(store: tuple[str, str], tmp
     assert [op["kind"] for op in spooled] == ["params", "metrics", "metrics", "metrics", "tags", "finish"]
     assert mt.client(uri).get_run(first.runs["t1"]).info.status == "RUNNING"
 
-    back = w.RunWriter.open(uri, exp, directory)
+    back = w.RunWriter.open(uri, "unit", directory)
     assert back.close(timeout=60)
     run = mt.client(uri).get_run(back.runs["t1"])
     assert run.info.status == "FINISHED" and run.data.tags[mt.STATUS_TAG] == "finished" and run.data.params == {"lr": "0.01"}
@@ -119,7 +119,7 @@ def test_an_outage_loses_nothing_and_keeps_the_order(store: tuple[str, str], tmp
 def test_a_refused_write_does_not_hold_the_others_up(store: tuple[str, str], tmp_path: Path,
                                                      caplog: pytest.LogCaptureFixture) -> None:
     uri, exp = store
-    writer = w.RunWriter.open(uri, exp, tmp_path / "sweep")
+    writer = w.RunWriter.open(uri, "unit", tmp_path / "sweep")
     writer.create("t1", "t1", {})
     with caplog.at_level(logging.WARNING, logger="apt_ray.tracking"):
         writer.metrics("t1", {"bad name!?": 1.0})  # MLflow refuses the name: skipped with a warning
@@ -137,7 +137,7 @@ def test_a_run_created_before_a_kill_is_not_created_twice(store: tuple[str, str]
     made = mt.client(uri).create_run(exp, tags={w.KEY_TAG: "t1"}, run_name="t1").info.run_id
     op = {"seq": 1, "kind": "create", "key": "t1", "payload": {"name": "t1", "tags": {}, "parent": None}}
     (directory / w.SPOOL).write_text(json.dumps(op) + "\n" + json.dumps({"seq": 2, "kind": "finish", "key": "t1", "payload": "FINISHED"}) + "\n")
-    writer = w.RunWriter.open(uri, exp, directory)
+    writer = w.RunWriter.open(uri, "unit", directory)
     assert writer.close(timeout=60)
     assert writer.runs["t1"] == made
     runs = mt.client(uri).search_runs([exp])
@@ -160,7 +160,7 @@ def make_callback(uri: str, exp: str, directory: Path) -> Any:
 
     spec = StudySpec(model="tiny-meter", fixed={**TINY, "epochs": 2},
                      search_space={"num_prompts": {"type": "int", "low": 1, "high": 64}, "depth": {"type": "int", "low": 1, "high": 4}})
-    writer = w.RunWriter.open(uri, exp, directory)
+    writer = w.RunWriter.open(uri, "unit", directory)
     writer.create("sweep", "sweep-x", {})
     return MlflowSweepCallback(spec, uri, exp, directory, commit="abc"), spec
 

@@ -81,10 +81,10 @@ def failure_of(trial: Any) -> tuple[str, str]:
 class MlflowSweepCallback(Callback):
     """Writes every trial of the sweep as a nested MLflow run (see the module docstring)."""
 
-    def __init__(self, spec: StudySpec, uri: str, experiment_id: str, directory: str | Path, commit: str) -> None:
-        self._args = (spec.model_dump_json(), uri, experiment_id, str(directory), commit)
+    def __init__(self, spec: StudySpec, uri: str, experiment: str, directory: str | Path, commit: str) -> None:
+        self._args = (spec.model_dump_json(), uri, experiment, str(directory), commit)
         self.spec, self.commit = spec, commit
-        self.writer = RunWriter.open(uri, experiment_id, directory)
+        self.writer = RunWriter.open(uri, experiment, directory)
         self.epochs = spec.epochs
         self.searched = list(spec.space())
         self.resources = spec.resources.model_dump()
@@ -218,5 +218,5 @@ class MlflowSweepCallback(Callback):
         self._profiler.shutdown(wait=True)  # the profiles' writes join the queue before the sweep's summary
 
 
-def _restore(spec_json: str, uri: str, experiment_id: str, directory: str, commit: str) -> MlflowSweepCallback:
-    return MlflowSweepCallback(StudySpec.model_validate_json(spec_json), uri, experiment_id, directory, commit)
+def _restore(spec_json: str, uri: str, experiment: str, directory: str, commit: str) -> MlflowSweepCallback:
+    return MlflowSweepCallback(StudySpec.model_validate_json(spec_json), uri, experiment, directory, commit)

@@ -16,7 +16,7 @@ from apt_ray.sweep.spec import StudySpec, check_data, check_spec
 from apt_ray.sweep.store import Manifest, SweepDir, latest_sweep
 from apt_ray.sweep.trial import TrialPlan
 from apt_ray.tracking import mlflow as mt
-from apt_ray.tracking.writer import RunWriter, experiment_id
+from apt_ray.tracking.writer import RunWriter
 
 log = logging.getLogger("apt_ray.sweep")
 PARENT_KEY = "sweep"
@@ -239,19 +239,17 @@ def _run(spec: StudySpec, sweep: SweepDir, plan: TrialPlan, uri: str, experiment
     # keeping 2 checkpoints per trial makes Tune save the sweep's state at each (what --resume restores): wanted, not warned about
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     commit = mt.git_commit()
-    exp_id = manifest.experiment_id if manifest else experiment_id(uri, experiment)
-    writer = RunWriter.open(uri, exp_id, sweep.root)
+    writer = RunWriter.open(uri, experiment, sweep.root)
     if manifest is None:
         _start_parent(writer, spec, sweep, commit)
-        parent = writer.run_id(PARENT_KEY, timeout=60) or ""
         sweep.write(Manifest(spec=spec.model_dump(mode="json"), tracking_uri=mt.redact(uri), experiment=experiment,
-                             experiment_id=exp_id, parent_run_id=parent, created=time.strftime("%Y-%m-%d %H:%M:%S")))
+                             created=time.strftime("%Y-%m-%d %H:%M:%S")))
     else:
-        parent = manifest.parent_run_id
         writer.reopen(PARENT_KEY)
         writer.tags(PARENT_KEY, {mt.STATUS_TAG: "running", "resumed": "true"})
+    parent = writer.run_id(PARENT_KEY, timeout=60) or "(not yet written)"
     log.info("sweep %s: results in %s, MLflow %s (experiment %s, parent run %s)", spec.name, sweep.root, mt.redact(uri), experiment, parent)
-    tracking = MlflowSweepCallback(spec, uri, exp_id, sweep.root, commit)
+    tracking = MlflowSweepCallback(spec, uri, experiment, sweep.root, commit)
     tuner, searcher = _tuner(spec, sweep, plan, tracking, resume=manifest is not None)
     try:
         grid = tuner.fit()
@@ -260,7 +258,7 @@ def _run(spec: StudySpec, sweep: SweepDir, plan: TrialPlan, uri: str, experiment
         writer.finish(PARENT_KEY, "KILLED")
         writer.close(timeout=10)
         raise
-    return _finish(spec, sweep, writer, uri, experiment, exp_id, parent, _interrupted(grid, spec, searcher))
+    return _finish(spec, sweep, writer, uri, experiment, parent, _interrupted(grid, spec, searcher))
 
 
 def _patience() -> float:
@@ -271,8 +269,8 @@ def _patience() -> float:
         return 300.0
 
 
-def _finish(spec: StudySpec, sweep: SweepDir, writer: RunWriter, uri: str, experiment: str, experiment_id: str,
-            parent: str, interrupted: bool) -> StudyResult:
+def _finish(spec: StudySpec, sweep: SweepDir, writer: RunWriter, uri: str, experiment: str, parent: str,
+            interrupted: bool) -> StudyResult:
     from apt_ray.sweep.summary import front_of, log_summary, row_of
 
     rows: list[dict[str, Any]] = []
@@ -285,6 +283,6 @@ def _finish(spec: StudySpec, sweep: SweepDir, writer: RunWriter, uri: str, exper
     writer.tags(PARENT_KEY, {mt.STATUS_TAG: "interrupted" if interrupted else "finished"})
     writer.finish(PARENT_KEY, "KILLED" if interrupted else "FINISHED")
     writer.close(_patience())
-    return StudyResult(spec=spec, sweep_dir=sweep.root, tracking_uri=uri, experiment=experiment, experiment_id=experiment_id,
+    return StudyResult(spec=spec, sweep_dir=sweep.root, tracking_uri=uri, experiment=experiment, experiment_id=writer.experiment_id,
                        parent_run_id=parent, rows=rows, front=front, interrupted=interrupted, optuna_storage=sweep.optuna_url,
                        figures=figures)

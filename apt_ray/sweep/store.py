@@ -1,10 +1,11 @@
 """The sweep directory: Tune's results, the Optuna study database, and a manifest to resume from.
 
     <storage_path>/
-      sweep.json      manifest: the study spec, tracking URI, MLflow experiment and parent run
+      sweep.json      manifest: the study spec, tracking URI and MLflow experiment
+      mlflow_*        the MLflow writer's spool and ledger (trial -> run)
       optuna.db       the Optuna study (RDB storage, sqlite)
       tune/           Tune's experiment (trial results, searcher state)
-      train/<trial>/  each trial's Ray Train run (checkpoints)
+      train/<trial>/  a multi-worker trial's Ray Train run (checkpoints)
 """
 
 from __future__ import annotations
@@ -28,8 +29,6 @@ class Manifest:
     spec: dict[str, Any]
     tracking_uri: str
     experiment: str
-    experiment_id: str
-    parent_run_id: str
     created: str
 
 

@@ -61,20 +61,22 @@ class RunWriter:
     _open: dict[Path, "RunWriter"] = {}
 
     @classmethod
-    def open(cls, uri: str, experiment_id: str, directory: str | Path) -> "RunWriter":
-        """The writer of ``directory`` in this process, started on first use."""
+    def open(cls, uri: str, experiment: str, directory: str | Path) -> "RunWriter":
+        """The writer of ``directory`` in this process, started on first use, writing to MLflow experiment
+        ``experiment`` (created if missing; a directory that has written before keeps its experiment's id)."""
         path = Path(directory).resolve()
         writer = cls._open.get(path)
         if writer is None:
-            writer = cls._open[path] = cls(uri, experiment_id, path)
+            writer = cls._open[path] = cls(uri, experiment, path)
         return writer
 
-    def __init__(self, uri: str, experiment_id: str, directory: str | Path) -> None:
-        self.uri, self.experiment_id = uri, experiment_id
+    def __init__(self, uri: str, experiment: str, directory: str | Path) -> None:
+        self.uri, self.experiment = uri, experiment
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Condition()
         ledger = self._read_ledger()
+        self.experiment_id: str = ledger.get("experiment_id") or experiment_id(uri, experiment)
         self.runs: dict[str, str] = ledger.get("runs", {})
         self.marks: dict[str, dict[str, Any]] = ledger.get("marks", {})  # what callers noted per run (epochs, closed)
         applied = int(ledger.get("applied", 0))
