@@ -200,13 +200,22 @@ def test_callback_writes_one_nested_run_per_trial(store: tuple[str, str], tmp_pa
     r1 = runs["t1"]
     assert r1.info.run_name == "apt-p8-d2" and r1.info.status == "FINISHED" and r1.data.tags[mt.STATUS_TAG] == "finished"
     assert [(m.step, m.value) for m in c.get_metric_history(r1.info.run_id, "val_score")] == [(1, 10.0), (2, 20.0)]
+    # one cost metric (and the same as % of the base model); the epoch's figures as metrics; constants as params
+    assert set(r1.data.metrics) == {"additional_gmacs", "additional_pct_of_base", "val_score", "val_vqa_score", "train_loss",
+                                    "epoch_time_s"}
     assert r1.data.metrics["additional_gmacs"] == pytest.approx(cost.additional_gmacs)
-    assert r1.data.metrics["startup_s"] == pytest.approx(1.5, abs=0.5)
-    assert r1.data.params["num_prompts"] == "8" and r1.data.params["workers"] == "1" and r1.data.params["recipe"] == "embedded"
-    assert r1.data.params["tokenizer"] == "synthetic" and r1.data.tags["ray_node_id"] == "n1"
+    params = r1.data.params
+    assert float(params["startup_s"]) == pytest.approx(1.5, abs=0.5) and int(params["updated_params"]) == cost.updated_params
+    assert r1.data.metrics["additional_pct_of_base"] == pytest.approx(100 * cost.additional_gmacs / float(params["base_gmacs"]))
+    assert params["num_prompts"] == "8" and params["workers"] == "1" and params["recipe"] == "embedded"
+    assert params["tokenizer"] == "synthetic" and r1.data.tags["ray_node_id"] == "n1"
     profile = json.loads(Path(c.download_artifacts(r1.info.run_id, "flops_profile.json")).read_text())
     assert profile["additional_gmacs"] == pytest.approx(cost.additional_gmacs) and len(profile["per_site"]) == profile["sites"] == cost.sites > 0
+    per_site = json.loads(Path(c.download_artifacts(r1.info.run_id, "flops_per_site.json")).read_text())  # an MLflow table
+    assert per_site["columns"][:2] == ["site", "layer"] and len(per_site["data"]) == cost.sites
     assert "profile_mismatch" not in r1.data.tags
+    (dataset,) = r1.inputs.dataset_inputs  # the data it trained on
+    assert dataset.dataset.name == "vqa-synthetic" and dataset.dataset.digest
     r2 = runs["t2"]
     assert r2.info.status == "FAILED" and r2.data.tags[mt.STATUS_TAG] == "diverged"
     assert r2.data.tags["failure_reason"].startswith("training diverged at step 3")
@@ -230,6 +239,7 @@ def test_callback_after_a_killed_driver(store: tuple[str, str], tmp_path: Path) 
     assert cb.writer.flush(timeout=60)
     ended = mt.client(uri).get_run(cb.writer.runs["done"]).info.end_time
 
+    cb.wait_for_profiles()
     restored = pickle.loads(pickle.dumps(cb))  # as Tune restores its callbacks: attached to the same writer
     assert restored.writer is cb.writer
     restored.on_trial_start(0, [], done)

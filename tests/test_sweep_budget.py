@@ -52,7 +52,7 @@ def test_search_refuses_a_cost_just_over_the_budget(tmp_path) -> None:
     limit = trial_cost(base.train_config({"num_prompts": 8})).additional_gmacs
     spec = base.model_copy(update={"max_additional_gmacs": limit, "initial_points": [{"num_prompts": 9}, {"num_prompts": 8}]})
     sink = Rejections()
-    search = BudgetedOptunaSearch(spec, optuna_storage(f"sqlite:///{tmp_path}/o.db"), sink)
+    search = BudgetedOptunaSearch(spec, optuna_storage(f"sqlite:///{tmp_path}/o.db"), [sink])
     search.set_search_properties(None, None, {})
     first = search.suggest("a")
     assert first["num_prompts"] == 8 and first[COST_KEY]["additional_gmacs"] == pytest.approx(limit)

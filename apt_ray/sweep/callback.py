@@ -13,9 +13,10 @@ does much of this but cannot nest runs.)
 
 from __future__ import annotations
 
+import json
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +31,12 @@ from apt_ray.tracking.writer import RunWriter
 log = logging.getLogger("apt_ray.tracking")
 PARENT_KEY = "sweep"
 PROFILE_ARTIFACT = "flops_profile.json"
-EPOCH_KEYS = ("train_loss", "samples_per_s", "step_time_ms", "lr", "global_step", "epoch_time_s")
+EPOCH_KEYS = ("train_loss", "samples_per_s", "step_time_ms", "epoch_time_s")  # lr is a param (its peak); the epoch is the step
+PER_SITE_TABLE = "flops_per_site.json"
 SHORT = {"num_prompts": "p", "rank": "r", "depth": "d", "adapter_dim": "w", "seed": "s"}
+# One profiling thread per process, shared by every callback: torch's flop counter tracks modules with process-wide
+# hooks, so two profiles measured at once would count each other's modules.
+PROFILER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flops-profile")
 CUT_OFF_REASON = ("cut off when the sweep driver stopped, and not resumed: the sweep's saved Tune state did not yet "
                   "include this trial, so Tune started another in its place")
 
@@ -88,7 +93,7 @@ class MlflowSweepCallback(Callback):
         self.epochs = spec.epochs
         self.searched = list(spec.space())
         self.resources = spec.resources.model_dump()
-        self._profiler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flops-profile")
+        self._profiles: list[Future] = []
         self._started: dict[str, float] = {}
 
     # Tune pickles its run config (and the searcher that holds this): what travels is the description; a restored
@@ -96,6 +101,24 @@ class MlflowSweepCallback(Callback):
     def __reduce__(self) -> tuple:
         spec_json, *rest = self._args
         return (_restore, (spec_json, *rest))
+
+    def log_dataset(self, key: str, config: dict[str, Any]) -> None:
+        """The data a trial (or, with the study's base config, the sweep) trains on, as the run's dataset input."""
+        import hashlib
+
+        cfg = self.spec.train_config(config)
+        data = cfg.data_spec()
+        if cfg.data == "synthetic":
+            from apt_ray.data.build import synthetic_dir
+
+            source = str(synthetic_dir(data))
+        else:
+            source = str(cfg.data_path)
+        defining = data.model_dump(mode="json", include={"kind", "path", "train_splits", "val_split", "num_train", "num_val",
+                                                         "questions_per_image", "synthetic_seed", "max_train_questions",
+                                                         "max_val_questions"})
+        digest = hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()[:12]
+        self.writer.dataset(key, f"{cfg.task}-{cfg.data}", source, digest)
 
     def params(self, config: dict[str, Any]) -> dict[str, Any]:
         """A child run's params: the trial's whole config and the resources of the sweep."""
@@ -134,10 +157,11 @@ class MlflowSweepCallback(Callback):
         config = {k: v for k, v in trial.config.items() if not k.startswith("_")}
         self.writer.create(key, run_name(config, self.searched), self.tags(key, "running"), parent=PARENT_KEY)
         self.writer.mark(key, epoch=0)
-        self.writer.params(key, self.params(config))
         cost = trial.config.get(COST_KEY) or self.cost(config)
-        self.writer.metrics(key, cost)
-        self._profiler.submit(self._log_profile, key, config, cost)
+        self.writer.params(key, {**self.params(config), "updated_params": int(cost["updated_params"])})
+        self.writer.metrics(key, {"additional_gmacs": cost["additional_gmacs"]})
+        self.log_dataset(key, config)
+        self._profiles.append(PROFILER.submit(self._log_profile, key, config, cost))
 
     def _log_profile(self, key: str, config: dict[str, Any], cost: dict[str, float]) -> None:
         try:
@@ -147,6 +171,10 @@ class MlflowSweepCallback(Callback):
             self.writer.tags(key, {"profile_error": str(e)[:500]})
             return
         self.writer.json(key, data, PROFILE_ARTIFACT)
+        self.writer.table(key, data["per_site"], PER_SITE_TABLE)
+        self.writer.params(key, {k: data[k] for k in ("base_gmacs", "sites", "trainable_params")})
+        if data["base_gmacs"] > 0:
+            self.writer.metrics(key, {"additional_pct_of_base": 100 * data["additional_gmacs"] / data["base_gmacs"]})
         expected = cost["additional_gmacs"]
         if abs(data["additional_gmacs"] - expected) > 1e-9 * max(1.0, expected):
             self.writer.tags(key, {"profile_mismatch": f"measured {data['additional_gmacs']} vs closed form {expected}"})
@@ -166,7 +194,7 @@ class MlflowSweepCallback(Callback):
             self.writer.mark(key, used=True)
         first_step = result.get("first_step_unix")
         if first_step and not marks.get("startup") and not result.get("restarts") and key in self._started:
-            self.writer.metrics(key, {"startup_s": first_step - self._started[key]})
+            self.writer.params(key, {"startup_s": round(first_step - self._started[key], 2)})
             self.writer.mark(key, startup=True)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -195,8 +223,9 @@ class MlflowSweepCallback(Callback):
         if key in self.writer.marks:
             return
         self.writer.create(key, f"{run_name(config, self.searched)}-over-budget", self.tags(key, "over_budget"), parent=PARENT_KEY)
-        self.writer.params(key, self.params(config))
-        self.writer.metrics(key, self.cost(config))
+        cost = self.cost(config)
+        self.writer.params(key, {**self.params(config), "updated_params": int(cost["updated_params"])})
+        self.writer.metrics(key, {"additional_gmacs": cost["additional_gmacs"]})
         self.writer.tags(key, {"failure_reason": reason, "optuna_trial_number": number})
         self.writer.finish(key, "KILLED")
         self.writer.mark(key, closed=True)
@@ -215,7 +244,10 @@ class MlflowSweepCallback(Callback):
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         self.close_cut_off({t.trial_id for t in trials})
-        self._profiler.shutdown(wait=True)  # the profiles' writes join the queue before the sweep's summary
+        self.wait_for_profiles()  # their writes join the queue before the sweep's summary
+
+    def wait_for_profiles(self) -> None:
+        wait(self._profiles)
 
 
 def _restore(spec_json: str, uri: str, experiment: str, directory: str, commit: str) -> MlflowSweepCallback:

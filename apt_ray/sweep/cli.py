@@ -1,30 +1,15 @@
-"""``apt-ray sweep``: its flags, the run, and the printed result (the study scripts in ``studies/`` call it)."""
+"""``apt-ray sweep``: the run and the printed result (its flags are defined with the other commands' in
+:mod:`apt_ray.cli`, which must stay light; the study scripts in ``studies/`` call it through ``apt_ray.cli.main``)."""
 
 from __future__ import annotations
 
 import argparse
-import logging
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
 from apt_ray.errors import UserError
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The flags of ``apt-ray sweep``."""
-    p.add_argument("--config", default=None, help="study YAML (default: the embedded default study)")
-    p.add_argument("--study-default", default=None, help=argparse.SUPPRESS)  # a study script's own default config
-    p.add_argument("--num-samples", type=int, default=None, help="number of trials")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray instance)")
-    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default sqlite:///mlflow.db; an http:// server on clusters)")
-    p.add_argument("--experiment", default=None, help="MLflow experiment (default: the study name)")
-    p.add_argument("--storage-path", default=None, help="the sweep's directory (default ./ray_results/<study>-<time>)")
-    p.add_argument("--max-epochs", type=int, default=None, help="epochs per trial")
-    p.add_argument("--workers-per-trial", type=int, default=None, help="Ray Train workers per trial")
-    p.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per Ray Train worker")
-    p.add_argument("--resume", action="store_true", help="continue the interrupted sweep at --storage-path (or the latest one)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="more study settings, dotted: concurrency=1 fixed.lr=1e-3")
 
 
 def _positive(value: float | None, flag: str, allow_zero: bool = False) -> None:
@@ -37,10 +22,12 @@ def _positive(value: float | None, flag: str, allow_zero: bool = False) -> None:
 
 def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
     """Flags and ``key=value`` pairs as dotted study overrides."""
-    from apt_ray.config import parse_overrides
+    from apt_ray.config import MAX_EPOCHS, parse_overrides
 
     _positive(args.num_samples, "--num-samples")
     _positive(args.max_epochs, "--max-epochs")
+    if args.max_epochs is not None and args.max_epochs > MAX_EPOCHS:
+        raise UserError(f"--max-epochs {args.max_epochs} is not allowed: the limit is {MAX_EPOCHS} epochs per trial.")
     _positive(args.workers_per_trial, "--workers-per-trial")
     _positive(args.gpus_per_worker, "--gpus-per-worker", allow_zero=True)
     out = parse_overrides(args.overrides)
@@ -48,6 +35,11 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
              "resources.gpus_per_worker": args.gpus_per_worker}
     out.update({k: v for k, v in flags.items() if v is not None})
     return out
+
+
+def resume_command(sweep_dir: str | Path) -> str:
+    """The command that continues the sweep at ``sweep_dir``."""
+    return f"apt-ray sweep --storage-path {shlex.quote(str(sweep_dir))} --resume"
 
 
 def print_result(result: Any, out: Any = sys.stdout) -> None:
@@ -65,21 +57,22 @@ def print_result(result: Any, out: Any = sys.stdout) -> None:
     print(f"MLflow:           experiment '{result.experiment}', parent run {result.parent_run_id}", file=out)
     print(f"open the MLflow UI: {result.ui_command}", file=out)
     if result.interrupted:
-        print(f"\nthe sweep was interrupted; continue it with: --storage-path {result.sweep_dir} --resume", file=out)
+        print(f"\nthe sweep was interrupted; continue it with: {resume_command(result.sweep_dir)}", file=out)
 
 
 def run(args: argparse.Namespace) -> int:
     """Validate, run the study and print the front; a ``UserError`` goes to the caller (one message, exit 2)."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("apt_ray").setLevel(logging.INFO)
-    logging.getLogger("ray.tune").setLevel(logging.WARNING)  # its INFO lines point at Ray's temp dirs, not the sweep's
+    from apt_ray.sweep.progress import configure_console
+
+    configure_console(verbose=args.verbose)
     return _main(args, args.config or args.study_default)
 
 
 def _main(args: argparse.Namespace, config: str | None) -> int:
     from apt_ray.sweep.run import run_study
-    from apt_ray.sweep.spec import load_study_spec
+    from apt_ray.sweep.spec import check_data, load_study_spec
     from apt_ray.sweep.store import SweepDir, latest_sweep
+    from apt_ray.tracking import mlflow as mt
 
     overrides = overrides_from(args)
     spec = load_study_spec(config, overrides)
@@ -90,10 +83,16 @@ def _main(args: argparse.Namespace, config: str | None) -> int:
         result = run_study(spec if explicit else None, address=args.address, tracking_uri=args.tracking_uri,
                            experiment=args.experiment, storage_path=storage, resume=True)
     else:
-        storage = storage or spec.storage_path or str(SweepDir.default(spec.name).root)
-        print(f"sweep directory: {Path(storage).resolve()}  (if interrupted, continue with --storage-path {Path(storage).resolve()} --resume)",
-              flush=True)
+        sweep = SweepDir(storage or spec.storage_path or SweepDir.default(spec.name).root)
+        # what needs no Ray is checked before the sweep directory is named (run_study checks it again): the data,
+        # an earlier sweep in the directory, the tracking URI
+        if args.address is None:
+            check_data(spec)
+        if sweep.exists():
+            sweep.ensure_new()  # refuses, naming --resume
+        mt.check_tracking_uri(args.tracking_uri or spec.tracking_uri or mt.DEFAULT_TRACKING_URI)
+        print(f"sweep directory: {sweep.root}  (if interrupted, continue with: {resume_command(sweep.root)})", flush=True)
         result = run_study(spec, address=args.address, tracking_uri=args.tracking_uri, experiment=args.experiment,
-                           storage_path=storage)
+                           storage_path=str(sweep.root))
     print_result(result)
     return 130 if result.interrupted else 0

@@ -127,25 +127,27 @@ def _trial_dirname(trial: Any) -> str:
 def _tuner(spec: StudySpec, sweep: SweepDir, plan: TrialPlan, tracking: Any, resume: bool) -> tuple[Any, Any]:
     from ray import tune
 
-    from apt_ray.sweep.progress import ProgressLine
+    from apt_ray.sweep.progress import SweepConsole
     from apt_ray.sweep.search import BudgetedOptunaSearch, optuna_storage
 
     if resume:  # the callbacks and the search come back from the sweep's saved state
         tuner = tune.Tuner.restore(str(sweep.tune_dir), trainable=_trainable(plan), resume_unfinished=True, resume_errored=False,
                                    restart_errored=False, param_space=spec.base_config())
         return tuner, None
-    searcher = BudgetedOptunaSearch(spec, optuna_storage(sweep.optuna_url), tracking)
+    slots = min(spec.concurrency, spec.num_trials)
+    console = SweepConsole(spec.num_trials, slots, spec.epochs, list(spec.space()))
+    searcher = BudgetedOptunaSearch(spec, optuna_storage(sweep.optuna_url), [tracking, console])
     one_worker = plan.workers == 1
     tuner = tune.Tuner(
         _trainable(plan),
         param_space=spec.base_config(),
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=_scheduler(spec), num_samples=spec.num_trials,
-                                    max_concurrent_trials=min(spec.concurrency, spec.num_trials),
+                                    max_concurrent_trials=slots,
                                     reuse_actors=one_worker,  # a reused process has torch and the data imported already
                                     trial_dirname_creator=_trial_dirname),
         run_config=tune.RunConfig(
             name=sweep.tune_dir.name, storage_path=str(sweep.root), verbose=0,
-            callbacks=[tracking, ProgressLine(spec.num_trials, min(spec.concurrency, spec.num_trials))],
+            callbacks=[tracking, console],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             # one-worker trials are retried by Tune from their last checkpoint; multi-worker ones by Ray Train
             failure_config=tune.FailureConfig(max_failures=plan.max_failures if one_worker else 0, fail_fast=False)),
@@ -174,8 +176,10 @@ def run_study(
     experiment: str | None = None,
     storage_path: str | None = None,
     resume: bool = False,
+    verbose: bool = False,
 ) -> StudyResult:
-    """Run (or with ``resume`` continue) a sweep and return its trials and Pareto front.
+    """Run (or with ``resume`` continue) a sweep and return its trials and Pareto front. ``verbose``: also print what
+    Ray's processes print (the trials' own output; it is in Ray's log files either way).
 
     Everything a user can get wrong is checked before any trial starts: the spec
     against the model, the tracking URI, the Ray address, multi-node use of a
@@ -208,7 +212,7 @@ def run_study(
         # once, here, with every core: left to the trials, the first two would wait on one of them pretraining on one CPU
         # (on a cluster, the trials build it where they run)
         self_pretrained_backbone(spec.train_config({}))
-    started = dist.connect(address)
+    started = dist.connect(address, log_to_driver=verbose)
     try:
         mt.refuse_local_store_on_cluster(uri, _node_ips())
         plan = _plan(spec, sweep)
@@ -240,8 +244,10 @@ def _run(spec: StudySpec, sweep: SweepDir, plan: TrialPlan, uri: str, experiment
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     commit = mt.git_commit()
     writer = RunWriter.open(uri, experiment, sweep.root)
+    tracking = MlflowSweepCallback(spec, uri, experiment, sweep.root, commit)
     if manifest is None:
         _start_parent(writer, spec, sweep, commit)
+        tracking.log_dataset(PARENT_KEY, spec.base_config())
         sweep.write(Manifest(spec=spec.model_dump(mode="json"), tracking_uri=mt.redact(uri), experiment=experiment,
                              created=time.strftime("%Y-%m-%d %H:%M:%S")))
     else:
@@ -249,7 +255,6 @@ def _run(spec: StudySpec, sweep: SweepDir, plan: TrialPlan, uri: str, experiment
         writer.tags(PARENT_KEY, {mt.STATUS_TAG: "running", "resumed": "true"})
     parent = writer.run_id(PARENT_KEY, timeout=60) or "(not yet written)"
     log.info("sweep %s: results in %s, MLflow %s (experiment %s, parent run %s)", spec.name, sweep.root, mt.redact(uri), experiment, parent)
-    tracking = MlflowSweepCallback(spec, uri, experiment, sweep.root, commit)
     tuner, searcher = _tuner(spec, sweep, plan, tracking, resume=manifest is not None)
     try:
         grid = tuner.fit()
@@ -259,6 +264,17 @@ def _run(spec: StudySpec, sweep: SweepDir, plan: TrialPlan, uri: str, experiment
         writer.close(timeout=10)
         raise
     return _finish(spec, sweep, writer, uri, experiment, parent, _interrupted(grid, spec, searcher))
+
+
+def _optuna_study(spec: StudySpec, sweep: SweepDir) -> Any:
+    """The sweep's persisted Optuna study (None when it cannot be opened: the figures drawn from it are left out)."""
+    import optuna
+
+    try:
+        return optuna.load_study(study_name=spec.name, storage=sweep.optuna_url)
+    except Exception as e:  # noqa: BLE001 - the sweep's own summary does not depend on it
+        log.warning("the Optuna study at %s could not be opened (%s): its figures are left out", sweep.optuna_url, e)
+        return None
 
 
 def _patience() -> float:
@@ -279,7 +295,7 @@ def _finish(spec: StudySpec, sweep: SweepDir, writer: RunWriter, uri: str, exper
     if writer.flush(_patience()):
         rows = sorted((row_of(r) for r in writer.children(PARENT_KEY)), key=lambda r: r["start_time"])
         front = front_of(rows, spec.metrics, spec.modes)
-        figures = log_summary(writer, PARENT_KEY, rows, front, sweep.figures_dir)
+        figures = log_summary(writer, PARENT_KEY, rows, front, sweep.figures_dir, spec, _optuna_study(spec, sweep))
     writer.tags(PARENT_KEY, {mt.STATUS_TAG: "interrupted" if interrupted else "finished"})
     writer.finish(PARENT_KEY, "KILLED" if interrupted else "FINISHED")
     writer.close(_patience())

@@ -13,7 +13,7 @@ epoch before failing.
 from __future__ import annotations
 
 import logging
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence
 
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
@@ -44,7 +44,7 @@ def optuna_storage(url: str) -> Any:
 class BudgetedOptunaSearch(OptunaSearch):
     """TPE (multi-objective when the study has several objectives) that skips configurations over the budget."""
 
-    def __init__(self, spec: StudySpec, storage: Any, on_rejected: RejectionSink | None = None) -> None:
+    def __init__(self, spec: StudySpec, storage: Any, sinks: Sequence[RejectionSink] = ()) -> None:
         from apt_ray.sweep.space import optuna_distributions
 
         metric: Any = spec.metrics if spec.multi_objective else spec.metrics[0]
@@ -54,7 +54,7 @@ class BudgetedOptunaSearch(OptunaSearch):
                          points_to_evaluate=[dict(p) for p in spec.initial_points] or None)
         self._limit = spec.max_additional_gmacs
         self._spec = spec
-        self._on_rejected = on_rejected
+        self._sinks = list(sinks)  # told of each over-budget proposal (the MLflow record, the console)
         self.rejected = 0
         self.exhausted = False
         self._proposed: dict[tuple, int] = {}  # configuration -> Optuna trial number that first proposed it
@@ -83,9 +83,9 @@ class BudgetedOptunaSearch(OptunaSearch):
             self.rejected += 1
             log.info("Optuna trial %d is over the FLOPs budget (%.4g > %g GMACs): pruned before training",
                      ot_trial.number, cost.additional_gmacs, self._limit)
-            if self._on_rejected is not None:
-                self._on_rejected.over_budget(ot_trial.number, {**self._spec.base_config(), **params},
-                                              over_budget_reason(cost.additional_gmacs, self._limit))
+            for sink in self._sinks:
+                sink.over_budget(ot_trial.number, {**self._spec.base_config(), **params},
+                                 over_budget_reason(cost.additional_gmacs, self._limit))
         self.exhausted = True
         log.warning("%d proposals in a row were over the FLOPs budget or repeats: the space is used up, stopping the search",
                     MAX_REJECTIONS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -147,7 +148,7 @@ def load_study_spec(path: str | Path | None, overrides: dict[str, Any] | None = 
     try:
         spec = StudySpec.model_validate(raw)
     except ValidationError as e:
-        raise UserError(validation_message(e, _all_keys())) from None
+        raise UserError(validation_message(e, _all_keys(), _trial_key_hints(raw))) from None
     check_spec(spec)
     return spec
 
@@ -155,6 +156,25 @@ def load_study_spec(path: str | Path | None, overrides: dict[str, Any] | None = 
 def _all_keys() -> list[str]:
     return [*StudySpec.model_fields, *Resources.model_fields, *SchedulerSpec.model_fields, *Objective.model_fields,
             *ParamSpec.model_fields]
+
+
+def _trial_key_hints(raw: dict[str, Any]) -> dict[str, str]:
+    """For each top-level key that is a trial setting (``num_prompts=32``), where it goes in a study instead."""
+    hints = {}
+    for key, value in raw.items():
+        if key in StudySpec.model_fields or key not in TrainConfig.model_fields or key.startswith("_"):
+            continue
+        shown = value if isinstance(value, str) else json.dumps(value)
+        hints[key] = (f"'{key}' is a trial setting: give fixed.{key}={shown} to set it for every trial, "
+                      f"or search_space.{key}={_search_example(value)} to search it")
+    return hints
+
+
+def _search_example(value: Any) -> str:
+    """A search-space entry of the kind that suits ``value``, with placeholders for the bounds or choices."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "{type: categorical, choices: [...]}"
+    return "{type: %s, low: ..., high: ...}" % ("int" if isinstance(value, int) else "float")
 
 
 # -- checks against the model ----------------------------------------------------

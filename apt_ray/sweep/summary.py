@@ -13,7 +13,8 @@ from apt_ray.tracking.mlflow import STATUS_TAG, TRIAL_TAG
 Row = dict[str, Any]
 TRAINED = ("finished", "stopped_early")
 KNOBS = ("method", "num_prompts", "rank", "depth", "placement", "lr", "seed", "epochs", "workers")
-METRICS = (SCORE_KEY, "additional_gmacs", "updated_params", "train_loss", "samples_per_s", "step_time_ms")
+METRICS = (SCORE_KEY, "additional_gmacs", "additional_pct_of_base", "updated_params", "base_gmacs", "train_loss",
+           "samples_per_s", "step_time_ms")  # as metrics, or as params (constants; runs of older versions: metrics)
 
 
 def _value(text: str | None) -> Any:
@@ -30,10 +31,12 @@ def _value(text: str | None) -> Any:
 def row_of(run: Any) -> Row:
     """One trial as a flat row: id, status, knobs, last metrics, run id."""
     tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
-    row: Row = {"trial": tags.get(TRIAL_TAG, run.info.run_name), "status": tags.get(STATUS_TAG, "unknown"),
+    row: Row = {"trial": tags.get(TRIAL_TAG, run.info.run_name), "name": run.info.run_name, "status": tags.get(STATUS_TAG, "unknown"),
                 "run_status": run.info.status, "run_id": run.info.run_id, "start_time": run.info.start_time or 0}
     row.update({k: _value(params.get(k)) for k in KNOBS})
-    row.update({k: read_metric(metrics, k) for k in METRICS})  # runs of older versions: val_score under its old name
+    for k in METRICS:  # read_metric: runs of older versions logged val_score under its old name
+        value = read_metric(metrics, k)
+        row[k] = _value(params.get(k)) if value is None else value
     if tags.get("failure_reason"):
         row["reason"] = tags["failure_reason"]
     return row
@@ -112,9 +115,77 @@ def format_table(rows: Sequence[Row], columns: Sequence[tuple[str, str, str]] = 
 
 # -- the parent run's summary ----------------------------------------------------------------
 
-def log_summary(writer: Any, parent: str, rows: list[Row], front: list[Row], figures_dir: Path) -> list[Path]:
-    """Trials and front tables, the figures (those of ``apt_ray.analysis.plots``) and count metrics on the parent run
-    (key ``parent`` of ``writer``); returns the figure paths."""
+OPTUNA_FIGURES_MIN_TRIALS = {"pareto_front": 2, "hypervolume_history": 2, "param_importances": 10}
+
+
+def study_note(spec: Any, rows: list[Row], front: list[Row], experiment_id: str) -> str:
+    """The parent run's Markdown note: objectives and budget, the trial counts, the best trial (linked) and the front."""
+    tally = counts(rows)
+    budget = f"{spec.max_additional_gmacs:g} additional GMACs" if spec.max_additional_gmacs is not None else "none"
+    lines = [f"**Study {spec.name}**: " + ", ".join(f"{o.mode}imise `{o.metric}`" for o in spec.objectives) + f"; FLOPs budget: {budget}.",
+             "", "Trials: " + ", ".join(f"{tally.get(k, 0)} {k.replace('_', ' ')}" for k in
+                                         ("finished", "stopped_early", "over_budget", "diverged", "failed")) + "."]
+    trained = [r for r in rows if r["status"] in TRAINED and isinstance(r.get(SCORE_KEY), float)]
+    if trained:
+        best = max(trained, key=lambda r: r[SCORE_KEY])
+        lines += ["", f"Best trial: [{best['name']}]({run_link(experiment_id, best['run_id'])}), "
+                      f"{_cell(best, SCORE_KEY, '{:.2f}')} at {_cell(best, 'additional_gmacs', '{:.4g}')} additional GMACs"
+                      f" ({_cell(best, 'additional_pct_of_base', '{:.3g}')}% of the base model)."]
+    if front:
+        lines += ["", "Pareto front:", "", "| trial | p | r | depth | placement | lr | val score | +GMACs | % of base |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in front:
+            cells = [f"[{r['name']}]({run_link(experiment_id, r['run_id'])})", *(_cell(r, k, f) for k, f in NOTE_COLUMNS)]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+NOTE_COLUMNS = (("num_prompts", "{}"), ("rank", "{}"), ("depth", "{}"), ("placement", "{}"), ("lr", "{:.2e}"),
+                (SCORE_KEY, "{:.2f}"), ("additional_gmacs", "{:.4g}"), ("additional_pct_of_base", "{:.3g}"))
+
+
+def run_link(experiment_id: str, run_id: str) -> str:
+    """A link to a run, relative to the MLflow UI (what a run's note renders)."""
+    return f"#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def optuna_figures(study: Any, metrics: list[str], figures_dir: Path) -> list[Path]:
+    """Optuna's own matplotlib figures of the study, each drawn where enough trials finished for it to mean something:
+    the Pareto front and the hypervolume history (several objectives), and the parameter importances (fANOVA)."""
+    import warnings
+
+    import matplotlib.pyplot as plt
+    from optuna.trial import TrialState
+    from optuna.visualization import matplotlib as ovm
+
+    done = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    drawn: dict[str, Any] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna marks its matplotlib figures experimental
+        if len(metrics) > 1 and len(done) >= OPTUNA_FIGURES_MIN_TRIALS["pareto_front"]:
+            drawn["optuna_pareto_front.png"] = ovm.plot_pareto_front(study, target_names=metrics)
+            worst = [min(t.values[i] for t in done) - 1 if d.name == "MAXIMIZE" else max(t.values[i] for t in done) * 1.1 + 1e-12
+                     for i, d in enumerate(study.directions)]
+            drawn["optuna_hypervolume_history.png"] = ovm.plot_hypervolume_history(study, reference_point=worst)
+        if len(done) >= OPTUNA_FIGURES_MIN_TRIALS["param_importances"]:
+            drawn["optuna_param_importances.png"] = ovm.plot_param_importances(
+                study, target=(lambda t: t.values[0]) if len(metrics) > 1 else None, target_name=metrics[0])
+    paths = []
+    for name, ax in drawn.items():
+        fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+        fig.set_size_inches(7, 4.5)
+        fig.tight_layout()
+        fig.savefig(figures_dir / name)
+        plt.close(fig)
+        paths.append(figures_dir / name)
+    return paths
+
+
+def log_summary(writer: Any, parent: str, rows: list[Row], front: list[Row], figures_dir: Path, spec: Any,
+                study: Any = None) -> list[Path]:
+    """On the parent run (key ``parent`` of ``writer``): the trials and front tables, the figures (those of
+    ``apt_ray.analysis.plots``, and Optuna's when ``study`` is given), the Markdown note and count metrics; the best
+    child is tagged. Returns the figure paths."""
     import matplotlib
 
     matplotlib.use("Agg")  # the driver draws into files only
@@ -133,12 +204,19 @@ def log_summary(writer: Any, parent: str, rows: list[Row], front: list[Row], fig
     for name, fig in drawn.items():
         fig.savefig(figures_dir / name)
         plt.close(fig)
-        writer.file(parent, figures_dir / name, "figures")
         figures.append(figures_dir / name)
+    if study is not None:
+        figures += optuna_figures(study, list(spec.metrics), figures_dir)
+    for path in figures:
+        writer.file(parent, path, "figures")
+    writer.tags(parent, {"mlflow.note.content": study_note(spec, rows, front, writer.experiment_id)})
     scores = trained[SCORE_KEY].dropna()
     summary: dict[str, Any] = {f"trials_{k}": v for k, v in counts(rows).items()}
     summary.update({"trials_total": len(rows), "pareto_size": len(front)})
     if len(scores):
         summary[f"best_{SCORE_KEY}"] = float(scores.max())
+        best = max((r for r in rows if r["status"] in TRAINED and r.get(SCORE_KEY) == scores.max()), key=lambda r: r["start_time"])
+        writer.tags(best["trial"], {"best_trial": "true"})
+        writer.tags(parent, {"best_run_id": best["run_id"]})
     writer.metrics(parent, summary)
     return figures

@@ -169,8 +169,24 @@ def _http_probe(uri: str, timeout: float) -> None:
     raise UserError(f"{redact(uri)} answers but is not an MLflow tracking server ({last}): check the --tracking-uri address and port.")
 
 
+# The stores a sweep can log to ("": a plain directory, normalised to file:).
+SUPPORTED_SCHEMES = ("sqlite", "file", "", "http", "https", "databricks")
+
+
+def check_scheme(uri: str) -> None:
+    """Refuse a tracking URI of a kind apt_ray does not log to, naming the kinds it does (nothing is contacted)."""
+    scheme = scheme_of(normalize_uri(uri))
+    if scheme not in SUPPORTED_SCHEMES:
+        raise UserError(
+            f"tracking URI {redact(uri)} has the unsupported scheme '{scheme}': use sqlite:///path.db (the default is "
+            "sqlite:///mlflow.db), file:/path or a plain directory, http:// or https:// (an MLflow tracking server), "
+            "or databricks."
+        )
+
+
 def check_tracking_uri(uri: str, timeout: float = 10.0) -> str:
     """Fail fast (``UserError``) when the store cannot be reached or created; returns the normalized URI."""
+    check_scheme(uri)
     uri = normalize_uri(uri)
     scheme = scheme_of(uri)
     if scheme in ("http", "https"):

@@ -20,6 +20,7 @@ import json
 import logging
 import threading
 import time
+import warnings
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ SPOOL = "mlflow_spool.jsonl"
 LEDGER = "mlflow_runs.json"
 KEY_TAG = "apt_ray.run_key"
 RETRY_S = 5.0
+EXPERIMENT_KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
 
 
 def experiment_id(uri: str, name: str) -> str:
@@ -40,18 +42,18 @@ def experiment_id(uri: str, name: str) -> str:
 
     c = client(uri)
     found = c.get_experiment_by_name(name)
-    if found is not None:
-        if found.lifecycle_stage == "deleted":
-            raise UserError(f"MLflow experiment '{name}' is deleted: restore it (mlflow experiments restore) or pick another --experiment.")
-        return found.experiment_id
-    db = sqlite_path(uri)
-    try:
-        return c.create_experiment(name, artifact_location=(db.parent / "mlartifacts").as_uri() if db else None)
-    except Exception:  # noqa: BLE001 - another process created it first
+    if found is not None and found.lifecycle_stage == "deleted":
+        raise UserError(f"MLflow experiment '{name}' is deleted: restore it (mlflow experiments restore) or pick another --experiment.")
+    if found is None:
+        db = sqlite_path(uri)
+        try:
+            c.create_experiment(name, artifact_location=(db.parent / "mlartifacts").as_uri() if db else None)
+        except Exception:  # noqa: BLE001 - another process created it first
+            pass
         found = c.get_experiment_by_name(name)
-        if found is None:
-            raise
-        return found.experiment_id
+    if found.tags.get(EXPERIMENT_KIND_TAG) is None:  # opens in the UI's model-training view, not its GenAI one
+        c.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
+    return found.experiment_id
 
 
 class RunWriter:
@@ -126,6 +128,10 @@ class RunWriter:
     def table(self, key: str, rows: list[dict[str, Any]], artifact_file: str) -> None:
         """Rows as an MLflow table (shown in the UI's artifact view)."""
         self._put("table", key, {"rows": rows, "file": artifact_file})
+
+    def dataset(self, key: str, name: str, source: str, digest: str, context: str = "training") -> None:
+        """A dataset the run used (``mlflow.log_input``): its name, where it is, and a digest of what defines it."""
+        self._put("input", key, {"name": name, "source": source, "digest": digest, "context": context})
 
     def finish(self, key: str, status: str = "FINISHED") -> None:
         """End the run with FINISHED, FAILED or KILLED."""
@@ -279,6 +285,8 @@ class RunWriter:
             import pandas as pd
 
             c.log_table(run_id, pd.DataFrame(payload["rows"]), payload["file"])
+        elif kind == "input":
+            c.log_inputs(run_id, datasets=[_dataset_input(payload)])
         elif kind == "finish":
             c.set_terminated(run_id, status=payload)
         elif kind == "reopen":
@@ -311,3 +319,20 @@ class RunWriter:
     def _save_ledger(self) -> None:
         write_json_atomic(self.dir / LEDGER, {"experiment_id": self.experiment_id, "runs": self.runs, "marks": self.marks,
                                               "applied": self._applied})
+
+
+def _dataset_input(payload: dict[str, str]) -> Any:
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    source = payload["source"]
+    if Path(source).expanduser().exists() or "://" in source:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "can be interpreted in multiple ways": a local path is a local path
+            resolved = resolve_dataset_source(source)
+    else:  # a Hugging Face hub id
+        resolved = HTTPDatasetSource(f"https://huggingface.co/datasets/{source}")
+    dataset = MetaDataset(resolved, name=payload["name"], digest=payload["digest"])
+    return DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", payload["context"])])
