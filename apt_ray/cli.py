@@ -1,15 +1,68 @@
-"""The ``apt-ray`` command line: profile, pretrain, train, sweep."""
+"""The ``apt-ray`` command line: profile, pretrain, train, sweep.
+
+Building the parser imports argparse and the method registry's declarations only (pydantic; no torch, transformers,
+Ray or MLflow), so ``apt-ray --help`` answers at once. The lists of ``key=value`` settings in the help need the
+config models and are built when the help is shown; each command imports what it runs.
+"""
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import sys
-from typing import Sequence
+import textwrap
+import types
+import typing
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator, NoReturn, Sequence
 
-from pydantic import ValidationError
+from apt_ray.errors import UserError, for_command, validation_message
 
-from apt_ray.errors import UserError, validation_message
+if typing.TYPE_CHECKING:
+    from apt_ray.config import TrainConfig
+    from apt_ray.methods.spec import MethodSpec
+    from apt_ray.models.registry import Preset
+    from apt_ray.profile import Profile
+
+# Presets register with their backbone modules, which import torch: --model is checked after parsing (an unknown
+# name is refused with the registered ones), and its help names the built-in ones.
+BUILTIN_MODELS = "tiny-meter, tiny-vilt, meter-clip16-roberta, vilt-b32"
+
+
+# -- the parser -------------------------------------------------------------------------------------------------
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's default after its help (switches as on/off; an option whose unset value means something is
+    described in its own text, "default: ..."), and descriptions and epilogs printed as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if not action.option_strings or "default" in text or default is None or default is argparse.SUPPRESS:
+            return text
+        shown = ("on" if default else "off") if isinstance(default, bool) else "%(default)s"
+        return f"{text} (default: {shown})"
+
+
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line pointing at the command's help (as the commands' own errors
+    are), whose epilog may be built when the help is shown (``epilog_fn``), and which knows its subcommands."""
+
+    def __init__(self, *args: Any, epilog_fn: Callable[[], str] | None = None, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+        self.epilog_fn = epilog_fn
+        self.commands: dict[str, Parser] = {}
+
+    def format_help(self) -> str:
+        if self.epilog_fn is not None:
+            self.epilog = self.epilog_fn()
+        return super().format_help()
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message.rstrip('.')} (see `{self.prog} --help`)\n")
 
 
 def _layers(text: str) -> list[int]:
@@ -31,12 +84,34 @@ def _image_hw(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"'{text}' is not an image size: use HxW (e.g. 384x384) or one number") from None
 
 
-def _knob_flag(p: argparse.ArgumentParser, knob: str, info, users: list[str]) -> None:
+def _one_of(name: str, values: Sequence[Any]) -> Callable[[str], str]:
+    """An argparse ``type`` for a closed set: the value, or an error naming it, the allowed values and a did-you-mean
+    (argparse's own ``choices`` check would only say "invalid choice")."""
+    allowed = [str(v) for v in values]
+
+    def check(text: str) -> str:
+        if text in allowed:
+            return text
+        close = difflib.get_close_matches(text, allowed, n=1, cutoff=0.5)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise argparse.ArgumentTypeError(f"{name}={text!r} is not allowed{hint}: choose one of {', '.join(allowed)}")
+
+    check.__name__ = name
+    return check
+
+
+def _method_choice(text: str) -> str:
+    """``--method``: a registered method name (its error lists them, with a did-you-mean)."""
+    from apt_ray.methods import registry
+
+    if text not in registry.method_names():
+        raise argparse.ArgumentTypeError(registry.unknown_method_message(text))
+    return text
+
+
+def _knob_flag(p: argparse._ActionsContainer, knob: str, info: Any, users: list[str]) -> None:
     """One ``apt-ray profile`` flag for a registered knob, typed from its declaration (values are validated by
     ``MethodSpec``, i.e. by the method's config, so a bad value gives the usual one-paragraph message)."""
-    import types
-    import typing
-
     ann = info.annotation
     args = [a for a in typing.get_args(ann) if a is not type(None)] if typing.get_origin(ann) in (typing.Union, types.UnionType) else [ann]
     kind = args[0] if len(args) == 1 else str
@@ -44,36 +119,268 @@ def _knob_flag(p: argparse.ArgumentParser, knob: str, info, users: list[str]) ->
     help_text = (info.description or knob).replace("%", "%%")
     if users and not any(help_text.startswith(f"{u}:") for u in users):
         help_text = f"{'/'.join(users)}: {help_text}"  # which methods read it, unless the description says so
-    if kind is bool:
-        default = "" if info.default is None else f" (default: {'on' if info.default else 'off'})"
-        p.add_argument(flag, dest=knob, action=argparse.BooleanOptionalAction, default=None, help=help_text + default)
-        return
     origin = typing.get_origin(kind)
+    item = (typing.get_args(kind) or (str,))[0] if origin is list else None
     if origin is list:
-        item = (typing.get_args(kind) or (str,))[0]
-        p.add_argument(flag, dest=knob, type=_layers if item is int else _names, default=None,
-                       help=help_text + " (comma-separated" + (", '' for none)" if item is not int else ")"))
-        return
-    if origin is typing.Literal:
-        p.add_argument(flag, dest=knob, default=None, metavar="{" + ",".join(map(str, typing.get_args(kind))) + "}", help=help_text)
-        return
-    p.add_argument(flag, dest=knob, type=kind if kind in (int, float) else str, default=None,
-                   metavar=knob.upper(), help=help_text + ("" if info.default is None else f" (default: {info.default})"))
+        help_text += " (comma-separated" + (")" if item is int else ", '' for none)")
+    # the flag's own default stays None (unset: the method's default, which may depend on the backbone)
+    if info.default is not None:
+        shown = ("on" if info.default else "off") if isinstance(info.default, bool) else info.default
+        help_text += f" (default: {shown})"
+    elif "default" not in help_text:
+        help_text += " (default: unset)"
+    if kind is bool:
+        p.add_argument(flag, dest=knob, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+    elif origin is list:
+        p.add_argument(flag, dest=knob, type=_layers if item is int else _names, default=None, metavar="LIST", help=help_text)
+    elif origin is typing.Literal:
+        values = typing.get_args(kind)
+        p.add_argument(flag, dest=knob, type=_one_of(knob, values), choices=[str(v) for v in values], default=None, help=help_text)
+    else:
+        p.add_argument(flag, dest=knob, type=kind if kind in (int, float) else str, default=None, metavar=knob.upper(), help=help_text)
 
 
-def _add_method_args(p: argparse.ArgumentParser) -> None:
+def _add_method_args(p: argparse.ArgumentParser, group: argparse._ArgumentGroup) -> None:
     """``--method`` and one flag per knob of the registered methods (see :mod:`apt_ray.methods.registry`)."""
     from apt_ray.methods import registry
 
     names = registry.method_names()
-    p.add_argument("--method", default="apt", help=f"one of: {', '.join(names)} (default apt)")
+    group.add_argument("--method", default="apt", type=_method_choice, choices=names, help="the registered method to apply")
     g = p.add_argument_group("method knobs", "each method's knobs (declared in its config; unset: the method's default)")
     for knob, info in registry.knob_fields().items():
         users = registry.knob_users(knob)
         _knob_flag(g, knob, info, users if len(users) < len(names) else [])
 
 
-def method_spec_from_args(args: argparse.Namespace):
+def _add_profile_arguments(p: Parser) -> None:
+    g = p.add_argument_group("model and method")
+    g.add_argument("--model", default="tiny-meter", help=f"backbone preset (built in: {BUILTIN_MODELS})")
+    _add_method_args(p, g)
+    g = p.add_argument_group("input")
+    g.add_argument("--text-len", type=int, default=None, help="text tokens, at most what the backbone takes (default: the preset's)")
+    g.add_argument("--image-size", type=_image_hw, default=None, metavar="HxW",
+                   help="image height x width, or one number for a square; each a multiple of the preset's patch size "
+                        "(default: the preset's)")
+    g = p.add_argument_group("output")
+    g.add_argument("--per-site", action="store_true", help="also print the per-site breakdown")
+    g.add_argument("--json", action="store_true", help="print the JSON object instead of a table")
+
+
+def _add_train_arguments(p: Parser) -> None:
+    from apt_ray.data.spec import DataSpec
+    from apt_ray.methods import registry
+
+    g = p.add_argument_group("model and method")
+    g.add_argument("--config", default=None, help="flat YAML mapping of trial settings, the keys listed below (default: none)")
+    g.add_argument("--model", default=None, help=f"backbone preset, built in: {BUILTIN_MODELS} (default: the config's, else tiny-meter)")
+    names = registry.method_names()
+    g.add_argument("--method", default=None, type=_method_choice, choices=names,
+                   help="the registered method to train (default: the config's, else apt)")
+    g.add_argument("--epochs", type=int, default=None, help="passes over the training set (default: the config's, else the recipe's)")
+    g.add_argument("--checkpoint", default=None,
+                   help="backbone weights: transformers dir / hub id / METER .ckpt (default: the tiny presets' self-pretrained "
+                        "backbone; random weights for the others)")
+    g = p.add_argument_group("data")
+    kinds = typing.get_args(DataSpec.model_fields["kind"].annotation)
+    g.add_argument("--data", default=None, type=_one_of("data", kinds), choices=kinds,
+                   help="which data: the synthetic shapes task, VQAv2 Arrow files or a Hugging Face dataset (data_path=...) "
+                        "(default: the config's, else synthetic)")
+    g = p.add_argument_group("Ray", "run the trial on Ray Train (without --workers: in this process, no Ray)")
+    g.add_argument("--workers", type=int, default=None, help="Ray Train workers (default: no Ray, train in this process)")
+    g.add_argument("--address", default=None, help="Ray cluster address (default: a local instance)")
+    g.add_argument("--max-failures", type=int, default=0, help="worker failures Ray Train may recover from")
+    g.add_argument("--gpus-per-worker", type=float, default=0, help="GPUs per Ray Train worker")
+    g = p.add_argument_group("output")
+    g.add_argument("--json-out", default=None, help="write the final metrics here as JSON (default: print them only)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="trial settings, before or after the options, e.g. lr=1e-3 num_prompts=32 (keys below)")
+
+
+def _add_sweep_arguments(p: Parser) -> None:
+    """The flags of ``apt-ray sweep`` (run by :mod:`apt_ray.sweep.cli`, which imports Ray and MLflow)."""
+    g = p.add_argument_group("study")
+    g.add_argument("--config", default=None, help="study YAML, the keys listed below (default: the embedded default study)")
+    g.add_argument("--study-default", default=None, help=argparse.SUPPRESS)  # a study script's own default config
+    g.add_argument("--num-samples", type=int, default=None, help="number of trials (default: the study's num_trials)")
+    g.add_argument("--max-epochs", type=int, default=None, help="epochs per trial (default: the study's fixed.epochs, else the recipe's)")
+    g = p.add_argument_group("Ray")
+    g.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray instance)")
+    g.add_argument("--workers-per-trial", type=int, default=None, help="Ray Train workers per trial (default: the study's resources.workers)")
+    g.add_argument("--gpus-per-worker", type=float, default=None,
+                   help="GPUs per Ray Train worker (default: the study's resources.gpus_per_worker)")
+    g = p.add_argument_group("MLflow")
+    g.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI: sqlite:///file.db, file:/dir or a directory, http(s):// server, databricks "
+                        "(default: sqlite:///mlflow.db; an http:// server on clusters)")
+    g.add_argument("--experiment", default=None, help="MLflow experiment (default: the study name)")
+    g = p.add_argument_group("output")
+    g.add_argument("--storage-path", default=None, help="the sweep's directory (default: ./ray_results/<study>-<time>)")
+    g.add_argument("--resume", action="store_true", help="continue the interrupted sweep at --storage-path (or the study's latest one)")
+    g.add_argument("--verbose", action="store_true", help="show the third-party tools' own log lines (Ray, Tune, MLflow, Optuna)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="more study settings, dotted: concurrency=1 fixed.lr=1e-3 (keys below)")
+
+
+def _add_pretrain_arguments(p: Parser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="tiny-meter", help="the tiny preset to pretrain: tiny-meter or tiny-vilt")
+    g.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the cached default backbone's)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the initial weights, the masks and the mismatched pairs (one cached backbone per seed)")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to train (fp32; a GPU takes ~1 min, 2 CPU cores ~5)")
+    g = p.add_argument_group("data and output")
+    g.add_argument("--data-path", default=None, help="cache root (default: $APT_RAY_CACHE or ~/.cache/apt_ray)")
+    g.add_argument("--force", action="store_true", help="rebuild even if cached")
+
+
+def _wrapped(title: str, items: Sequence[str], indent: str = "  ") -> str:
+    """``title`` and below it the wrapped, comma-separated ``items``, indented."""
+    body = textwrap.fill(", ".join(items), width=100, initial_indent=indent, subsequent_indent=indent, break_on_hyphens=False)
+    return f"{title}\n{body}"
+
+
+def train_keys() -> list[str]:
+    """The ``key=value`` settings of ``apt-ray train``: the fields of :class:`~apt_ray.config.TrainConfig`."""
+    from apt_ray.config import TrainConfig
+
+    return list(TrainConfig.model_fields)
+
+
+def sweep_keys() -> dict[str, list[str]]:
+    """The ``key=value`` settings of ``apt-ray sweep``, by where they go: top level, ``fixed.``, ``resources.``,
+    ``scheduler.``, and the knobs each method searches by default (any trial setting may be searched)."""
+    from apt_ray.methods import registry
+    from apt_ray.sweep.spec import TOP_LEVEL, Resources, SchedulerSpec, StudySpec
+
+    nested = ("fixed", "search_space", "resources", "scheduler")
+    return {
+        "top level": [k for k in StudySpec.model_fields if k not in nested],
+        "fixed.<key>": [k for k in train_keys() if k not in TOP_LEVEL],
+        "resources.<key>": list(Resources.model_fields),
+        "scheduler.<key>": list(SchedulerSpec.model_fields),
+        "search_space.<key>": sorted({k for name in registry.method_names() for k in registry.get_method(name).searchable}),
+    }
+
+
+PROFILE_EXAMPLES = """\
+examples:
+  apt-ray profile --model tiny-vilt --method apt --num-prompts 16 --rank 4
+  apt-ray profile --model meter-clip16-roberta --method deep_prompt --num-prompts 200 --per-site
+  apt-ray profile --model vilt-b32 --method lora --rank 8 --image-size 384x640 --json"""
+
+TRAIN_EXAMPLES = """\
+examples:
+  apt-ray train --model tiny-vilt --method apt --epochs 2 num_prompts=32 lr=1e-3
+  apt-ray train --config trial.yaml --json-out result.json seed=1
+  apt-ray train --workers 2 --address auto batch_size=64 max_steps=200"""
+
+SWEEP_EXAMPLES = """\
+examples:
+  apt-ray sweep --num-samples 8 --max-epochs 2
+  apt-ray sweep --config studies/configs/default_meter.yaml fixed.lr=1e-3 'search_space.num_prompts={type: int, low: 4, high: 64}'
+  apt-ray sweep --address auto --tracking-uri http://head-node:5000 --workers-per-trial 2
+  apt-ray sweep --storage-path ray_results/apt-study-20250101-120000 --resume"""
+
+PRETRAIN_EXAMPLES = """\
+examples:
+  apt-ray pretrain --model tiny-vilt
+  apt-ray pretrain --model tiny-meter --steps 2000 --device cuda --force"""
+
+
+def _train_epilog() -> str:
+    return TRAIN_EXAMPLES + "\n\n" + _wrapped("key=value settings (and --config keys):", train_keys())
+
+
+def _sweep_epilog() -> str:
+    titles = {"top level": "top level:",
+              "fixed.<key>": "fixed.<key>: a setting every trial shares (the `apt-ray train` keys but model, method, data):",
+              "resources.<key>": "resources.<key>: what one trial reserves:",
+              "scheduler.<key>": "scheduler.<key>: ASHA or FIFO:",
+              "search_space.<key>": "search_space.<key>={type, low, high, log, choices}: any trial setting; by default:"}
+    parts = [_wrapped(f"  {titles[where]}", names, indent="    ") for where, names in sweep_keys().items()]
+    return SWEEP_EXAMPLES + "\n\nkey=value settings (dotted; nested the same way in --config):\n" + "\n".join(parts)
+
+
+def build_parser() -> Parser:
+    """The ``apt-ray`` parser (light: see the module's docstring)."""
+    parser = Parser(prog="apt-ray", description="APT and its peers on vision-language backbones.",
+                    epilog="Run `apt-ray <command> --help` for a command's options, settings and examples.")
+    sub = parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
+
+    def command(name: str, help: str, description: str, func: Callable[[argparse.Namespace], int],
+                add: Callable[[Parser], None], epilog: str | None = None, epilog_fn: Callable[[], str] | None = None) -> None:
+        p = sub.add_parser(name, help=help, description=textwrap.fill(description, 100), epilog=epilog, epilog_fn=epilog_fn)
+        add(p)
+        p.set_defaults(func=func)
+        parser.commands[name] = p
+
+    command("profile", "FLOPs and parameter profile of a model + method",
+            "Count the GMACs and parameters a method adds to a backbone (measured and in closed form), at the preset's "
+            "input shapes or given ones.", _profile, _add_profile_arguments, epilog=PROFILE_EXAMPLES)
+    command("train", "run one trial (standalone, or on Ray Train with --workers)",
+            "Train one method on one backbone and print the final metrics; settings come from --config, the options "
+            "and key=value pairs (later wins).", _train, _add_train_arguments, epilog_fn=_train_epilog)
+    command("sweep", "a Ray Tune + Optuna study (prompts, rank, depth, placement, lr) tracked in MLflow",
+            "Run (or --resume) a study: Ray Tune trials proposed by Optuna within the FLOPs budget, each one logged as "
+            "a nested MLflow run.", _sweep, _add_sweep_arguments, epilog_fn=_sweep_epilog)
+    command("pretrain", "pretrain a tiny backbone on synthetic captions (MLM + ITM, and ITC for METER), cached",
+            "Pretrain a tiny preset on the synthetic captions and cache it (trials of tiny presets load it).",
+            _pretrain, _add_pretrain_arguments, epilog=PRETRAIN_EXAMPLES)
+    return parser
+
+
+# -- checks that need no model ---------------------------------------------------------------------------------
+
+def text_limit(model: str, config: Any = None) -> int | None:
+    """The most text tokens ``model``'s backbone takes: its text position embeddings, read from ``config`` (default:
+    the preset's); None when the config does not say."""
+    from apt_ray.models.presets import get_preset
+
+    config = config if config is not None else get_preset(model).make_config(None, None)
+    text = getattr(config, "text_config", None)
+    if isinstance(text, dict) and text.get("max_position_embeddings"):
+        # a separate RoBERTa-style text encoder (METER): positions start after the padding index
+        return int(text["max_position_embeddings"]) - int(text.get("pad_token_id") or 0) - 1
+    limit = getattr(config, "max_position_embeddings", None)
+    return int(limit) if limit else None
+
+
+def check_profile_input(preset: Preset, text_len: int | None, image_hw: tuple[int, int] | None) -> None:
+    """Refuse text lengths and image sizes the preset's backbone cannot take, before it is built."""
+    if text_len is not None:
+        limit = text_limit(preset.name)
+        if text_len < 1:
+            raise UserError(f"--text-len {text_len} is not allowed: give a positive number of text tokens.")
+        if limit is not None and text_len > limit:
+            raise UserError(f"--text-len {text_len} is not allowed: {preset.name} takes at most {limit} text tokens; "
+                            f"give 1 to {limit} (the preset's default is {preset.text_len}).")
+    if image_hw is not None:
+        h, w = image_hw
+        p = preset.patch_size
+        if h < 1 or w < 1 or h % p or w % p:
+            dh, dw = preset.image_hw
+            raise UserError(f"--image-size {h}x{w} is not allowed: give a height and width that are positive multiples of "
+                            f"{preset.name}'s patch size {p}, e.g. {dh}x{dw} (the preset's default).")
+
+
+def check_trial_text_len(cfg: TrainConfig) -> None:
+    """Refuse a ``max_text_len`` above what the trial's backbone takes (the preset's, or a local checkpoint's)."""
+    if cfg.max_text_len is None:
+        return
+    from apt_ray.models.presets import checkpoint_config
+
+    config = checkpoint_config(cfg.model, cfg.checkpoint)
+    if config is None and cfg.checkpoint is not None and not Path(cfg.checkpoint).expanduser().is_file():
+        return  # a hub id (or a missing path, refused when loaded): its config is read when the trial loads it
+    limit = text_limit(cfg.model, config)
+    if limit is not None and cfg.max_text_len > limit:
+        raise UserError(f"max_text_len={cfg.max_text_len} is above the {limit} text tokens {cfg.model} takes: "
+                        f"use max_text_len between 3 and {limit}.")
+
+
+# -- commands -----------------------------------------------------------------------------------------------------
+
+def method_spec_from_args(args: argparse.Namespace) -> MethodSpec:
+    from pydantic import ValidationError
+
     from apt_ray.methods import registry
     from apt_ray.methods.spec import MethodSpec
 
@@ -85,24 +392,53 @@ def method_spec_from_args(args: argparse.Namespace):
         raise UserError(validation_message(e, list(MethodSpec.model_fields))) from None
 
 
+@contextmanager
+def status(text: str, stream: typing.TextIO | None = None) -> Iterator[None]:
+    """``text`` on stderr while the block runs, on a terminal only, erased afterwards (the result or an error then
+    stands alone; a pipe or a log gets no progress lines)."""
+    stream = stream or sys.stderr
+    live = stream.isatty()
+    if live:
+        stream.write(text)
+        stream.flush()
+    try:
+        yield
+    finally:
+        if live:
+            stream.write("\r\x1b[K")
+            stream.flush()
+
+
 def _profile(args: argparse.Namespace) -> int:
     from apt_ray.models.presets import get_preset
+
+    preset = get_preset(args.model)
+    spec = method_spec_from_args(args)
+    check_profile_input(preset, args.text_len, args.image_size)
     from apt_ray.profile import profile
 
-    get_preset(args.model)
-    spec = method_spec_from_args(args)
-    if args.text_len is not None and args.text_len < 1:
-        raise UserError(f"--text-len {args.text_len} is not allowed: give a positive number of text tokens.")
-    prof = profile(args.model, spec, text_len=args.text_len, image_hw=args.image_size)
+    with status(f"measuring {args.model} with {spec.name} (building the model, counting FLOPs) ..."):
+        prof = profile(args.model, spec, text_len=args.text_len, image_hw=args.image_size)
     if args.json:
-        print(json.dumps(prof.to_dict(), indent=2))
+        print(json.dumps(profile_json(prof), indent=2))
     else:
         print(format_profile(prof, per_site=args.per_site))
     return 0
 
 
-def format_profile(prof, per_site: bool = False) -> str:
+def pct_of_base(prof: Profile) -> float | None:
+    """The method's additional GMACs as a percentage of the base model's (None for a base of zero)."""
+    return 100.0 * prof.additional_gmacs / prof.base_gmacs if prof.base_gmacs else None
+
+
+def profile_json(prof: Profile) -> dict[str, Any]:
+    """The profile's JSON object (``apt-ray profile --json``), with ``additional_pct_of_base``."""
+    return {**prof.to_dict(), "additional_pct_of_base": pct_of_base(prof)}
+
+
+def format_profile(prof: Profile, per_site: bool = False) -> str:
     """A readable table of a :class:`~apt_ray.profile.Profile`."""
+    pct = pct_of_base(prof)
     rows = [
         ("model", prof.model), ("method", prof.method),
         ("prompts / rank", f"{prof.num_prompts} / {prof.rank}"),
@@ -111,6 +447,7 @@ def format_profile(prof, per_site: bool = False) -> str:
         ("base GMACs", f"{prof.base_gmacs:.3f}"), ("total GMACs", f"{prof.total_gmacs:.3f}"),
         ("additional GMACs (measured)", f"{prof.measured_additional_gmacs:.3f}"),
         ("additional GMACs (analytic)", f"{prof.analytic_additional_gmacs:.3f}"),
+        ("additional % of base", "n/a" if pct is None else f"{pct:.2f}%"),
         ("layout", ", ".join(f"{k}={v}" for k, v in prof.layout.items())),
         ("updated params", f"{prof.updated_params:,} ({prof.updated_params / 1e6:.2f}M)"),
         ("trainable params", f"{prof.trainable_params:,} ({prof.trainable_params / 1e6:.2f}M): "
@@ -135,6 +472,7 @@ def _train(args: argparse.Namespace) -> int:
         if value is not None:
             overrides[key] = value
     cfg = build_train_config(args.config, overrides)
+    check_trial_text_len(cfg)
     from apt_ray.train.loop import Diverged, train_loop_per_worker
 
     try:
@@ -208,69 +546,29 @@ def _sweep(args: argparse.Namespace) -> int:
     return run(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="apt-ray", description="APT and its peers on vision-language backbones.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("profile", help="FLOPs and parameter profile of a model + method")
-    p.add_argument("--model", default="tiny-meter", help="vilt-b32, meter-clip16-roberta, tiny-vilt, tiny-meter")
-    _add_method_args(p)
-    p.add_argument("--text-len", type=int, default=None, help="text tokens (default: the preset's)")
-    p.add_argument("--image-size", type=_image_hw, default=None, help="HxW (default: the preset's)")
-    p.add_argument("--per-site", action="store_true", help="also print the per-site breakdown")
-    p.add_argument("--json", action="store_true", help="print the JSON object instead of a table")
-    p.set_defaults(func=_profile)
-
-    t = sub.add_parser("train", help="run one trial (standalone, or on Ray Train with --workers)")
-    t.add_argument("--config", default=None, help="flat YAML mapping of trial settings")
-    t.add_argument("--model", default=None)
-    t.add_argument("--method", default=None)
-    t.add_argument("--data", default=None, help="synthetic | vqav2_arrow | hf")
-    t.add_argument("--epochs", type=int, default=None)
-    t.add_argument("--checkpoint", default=None, help="backbone weights: transformers dir / hub id / METER .ckpt")
-    t.add_argument("--json-out", default=None, help="write the final metrics here as JSON")
-    t.add_argument("--workers", type=int, default=None, help="run on Ray Train with this many workers")
-    t.add_argument("--address", default=None, help="Ray cluster address (default: a local instance)")
-    t.add_argument("--max-failures", type=int, default=0, help="worker failures Ray Train may recover from")
-    t.add_argument("--gpus-per-worker", type=float, default=0, help="GPUs per Ray Train worker")
-    t.add_argument("overrides", nargs="*", help="key=value settings, e.g. lr=1e-3 num_prompts=32")
-    t.set_defaults(func=_train)
-
-    sw = sub.add_parser("sweep", help="a Ray Tune + Optuna study (prompts, rank, depth, placement, lr) tracked in MLflow",
-                        description="Run (or --resume) a study: Ray Tune trials proposed by Optuna within the FLOPs budget, "
-                                    "each one logged as a nested MLflow run.")
-    from apt_ray.sweep.cli import add_arguments  # argparse only: the sweep's Ray and MLflow load when it runs
-
-    add_arguments(sw)
-    sw.set_defaults(func=_sweep)
-
-    pt = sub.add_parser("pretrain", help="pretrain a tiny backbone on synthetic captions (MLM + ITM, and ITC for METER), cached")
-    pt.add_argument("--model", default="tiny-meter", help="tiny-meter or tiny-vilt")
-    pt.add_argument("--data-path", default=None, help="cache root (default $APT_RAY_CACHE or ~/.cache/apt_ray)")
-    pt.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the cached default backbone's)")
-    pt.add_argument("--seed", type=int, default=0)
-    pt.add_argument("--force", action="store_true", help="rebuild even if cached")
-    pt.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to train (fp32; a GPU takes ~1 min, 2 CPU cores ~5)")
-    pt.set_defaults(func=_pretrain)
-    return parser
-
-
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``apt-ray`` with ``argv``; returns the exit code (``--help`` exits, as argparse does)."""
     parser = build_parser()
-    # key=value overrides may come before or after options (argparse alone takes one run of them)
-    args, extra = parser.parse_known_args(argv)
-    stray = [x for x in extra if x.startswith("-") or not hasattr(args, "overrides")]
-    if stray:
-        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    try:
+        # key=value overrides may come before or after options (argparse alone takes one run of them)
+        args, extra = parser.parse_known_args(argv)
+        stray = [x for x in extra if x.startswith("-") or not hasattr(args, "overrides")]
+        if stray:
+            parser.commands[args.command].error(f"unrecognized arguments: {' '.join(stray)}")
+    except SystemExit as e:
+        if not e.code:
+            raise  # --help, printed
+        return int(e.code)  # a usage error, printed as one line like the commands' own errors
     if extra:
         args.overrides = [*args.overrides, *extra]
+    command = f"apt-ray {args.command}"
     try:
         return int(args.func(args) or 0)
     except UserError as e:
-        print(f"apt-ray {args.command}: error: {e}", file=sys.stderr)
+        print(f"{command}: error: {for_command(str(e), command)}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print(f"apt-ray {args.command}: interrupted", file=sys.stderr)
+        print(f"{command}: interrupted", file=sys.stderr)
         return 130
 
 

@@ -21,6 +21,9 @@ from apt_ray.models.presets import get_preset
 from apt_ray.tasks.registry import TaskName
 from apt_ray.train.recipes import RECIPES, get_recipe
 
+# A sanity limit, far above any real run: a mistyped epoch count is refused instead of scheduling a run that never ends.
+MAX_EPOCHS = 10_000
+
 
 class TrainConfig(BaseModel):
     """One trial: backbone, method, data and optimisation, as one flat mapping.
@@ -56,7 +59,7 @@ class TrainConfig(BaseModel):
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
     # optimisation (unset: the recipe's)
     recipe: str = Field("embedded", description="named optimisation settings: " + ", ".join(RECIPES))
-    epochs: int | None = Field(None, ge=1)
+    epochs: int | None = Field(None, ge=1, le=MAX_EPOCHS, description=f"passes over the training set (at most {MAX_EPOCHS})")
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimiser steps")
     batch_size: int | None = Field(None, ge=1, description="global batch size (split over Ray Train workers)")
     lr: float | None = Field(None, gt=0, description="base learning rate: the method's parameters train at lr x the recipe's method multiplier")

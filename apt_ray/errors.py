@@ -10,14 +10,23 @@ if TYPE_CHECKING:  # annotations only: the CLI keeps its start-up imports light
     import pydantic
 
 
+# Where a message points at the command's help without knowing the command (a config's validation runs for
+# `apt-ray train`, `apt-ray sweep` and the study scripts alike); filled in where the error is printed.
+HELP_POINTER = "`apt-ray <command> --help`"
+
+
 class UserError(Exception):
     """A mistake the user can fix; the message names the problem and the fix."""
 
     exit_code = 2
 
 
-def validation_message(error: pydantic.ValidationError, allowed: list[str] | None = None) -> str:
-    """One paragraph naming each bad field, what was given and what is allowed (did-you-mean for typos)."""
+def validation_message(error: pydantic.ValidationError, allowed: list[str] | None = None,
+                       hints: dict[str, str] | None = None) -> str:
+    """One paragraph naming each bad field, what was given and what is allowed (did-you-mean for typos).
+
+    ``hints``: for an unknown key (its dotted location), what to write instead, in place of the did-you-mean.
+    """
     import difflib
 
     parts = []
@@ -26,12 +35,19 @@ def validation_message(error: pydantic.ValidationError, allowed: list[str] | Non
         if e["type"] == "extra_forbidden":
             hint = ""
             close = difflib.get_close_matches(str(e["loc"][-1]), allowed or [], n=1)
-            if close:
+            if hints and field in hints:
+                hint = f" ({hints[field]})"
+            elif close:
                 hint = f" (did you mean '{close[0]}'?)"
             parts.append(f"unknown key '{field}'{hint}")
         else:
             parts.append(f"{field}={e.get('input')!r}: {e['msg'][0].lower() + e['msg'][1:]}")
-    return "invalid configuration: " + "; ".join(parts) + ". Fix these values (see `apt-ray <command> --help`) and run again."
+    return "invalid configuration: " + "; ".join(parts) + f". Fix these values (see {HELP_POINTER}) and run again."
+
+
+def for_command(message: str, command: str) -> str:
+    """``message`` with its pointer to the help naming ``command`` (``apt-ray sweep``, a study script's name)."""
+    return message.replace(HELP_POINTER, f"`{command} --help`")
 
 
 def run_command(prog: str | None, fn: Callable[[], int]) -> int:
@@ -42,7 +58,7 @@ def run_command(prog: str | None, fn: Callable[[], int]) -> int:
     try:
         return fn()
     except UserError as e:
-        print(f"{prog}: error: {e}" if prog else f"error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {for_command(str(e), prog)}" if prog else f"error: {e}", file=sys.stderr)
         return UserError.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -14,7 +14,6 @@ key=value pairs are trial settings shared by every point (lr=3e-3 num_train_imag
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -48,8 +47,27 @@ def _positive(value: int | None, flag: str) -> None:
         raise UserError(f"{flag} {value} is not allowed: give a positive number.")
 
 
+def print_summary(tracking_uri: str, experiment: str, parent_run_id: str) -> None:
+    """The grid's points (mean ± std over seeds, cost in GMACs and % of the base model when logged) and the trends it
+    supports, each with its n (none where too few prompt counts ran), as the analysis notebook states them."""
+    from apt_ray.analysis import load_study_runs, reading, tables
+
+    trained = tables.with_settings(load_study_runs(tracking_uri, experiment, parent_run_id))
+    if trained.empty:
+        return
+    table = tables.means_over_seeds(trained)
+    keys = tables.config_keys(trained)
+    pct = table[tables.COST_PCT].notna().any()
+    print("\n| configuration | prompts | seeds | val score (%) | additional GMACs |" + (" % of base |" if pct else "") +
+          "\n|---|---|---|---|---|" + ("---|" if pct else ""))
+    for _, r in table.iterrows():
+        spread = "" if r["trials"] < 2 else f" ± {r['score_std']:.2f}"
+        print(f"| {tables.describe({k: r[k] for k in keys})} | {int(r['num_prompts'])} | {int(r['trials'])} | "
+              f"{r['score_mean']:.2f}{spread} | {r['gmacs']:.5f} |" + (f" {r[tables.COST_PCT]:.3g} |" if pct else ""))
+    print("\n" + "\n".join(reading.score_lines(trained) + reading.cost_lines(trained)))
+
+
 def run(args: argparse.Namespace) -> int:
-    from apt_ray.analysis.tables import by_method_and_prompts
     from apt_ray.config import parse_overrides
     from apt_ray.sweep.cli import print_result
     from apt_ray.sweep.grid import prompt_length_spec
@@ -73,14 +91,7 @@ def run(args: argparse.Namespace) -> int:
           f"sweep directory {Path(storage).resolve()}", flush=True)
     result = run_study(spec, address=args.address, tracking_uri=args.tracking_uri, experiment=args.experiment, storage_path=storage)
     print_result(result)
-    import pandas as pd
-
-    trained = pd.DataFrame([r for r in result.rows if r["status"] in ("finished", "stopped_early")])
-    if len(trained):
-        table = by_method_and_prompts(trained)
-        print("\n| method | prompts | val score | additional GMACs |\n|---|---|---|---|")
-        for _, r in table.iterrows():
-            print(f"| {r['method']} | {int(r['num_prompts'])} | {r['score_mean']:.2f} | {r['gmacs']:.5f} |")
+    print_summary(result.tracking_uri, result.experiment, result.parent_run_id)
     if args.report and result.interrupted:
         print("\nthe grid was interrupted: the analysis notebook was not run (resume the sweep, then run it).")
     elif args.report:
@@ -93,7 +104,9 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from apt_ray.sweep.console import configure_console
+
+    configure_console()
     return run_command("prompt_length.py", lambda: run(args))
 
 

@@ -77,18 +77,34 @@ def test_method_can_be_searched_only_as_choices() -> None:
 
 # -- tables, importance, reading ------------------------------------------------------------------
 
-def test_gmacs_slope_recovers_the_linear_cost() -> None:
-    slopes = tables.gmacs_per_prompt(frame())
-    assert slopes["apt"] == pytest.approx(1e-3) and slopes["deep_prompt"] == pytest.approx(3e-3)
+def test_cost_slope_is_read_within_each_configuration() -> None:
+    """One fixed configuration per method, 3 prompt counts, 2 seeds: the logged cost's slope per prompt and a perfect line."""
+    trends = tables.cost_trends(frame()).set_index("method")
+    assert trends.loc["apt", "slope"] == pytest.approx(1e-3) and trends.loc["deep_prompt", "slope"] == pytest.approx(3e-3)
+    assert trends["r2"].tolist() == pytest.approx([1.0, 1.0])
+    assert trends["trials"].tolist() == [6, 6] and trends["prompt_counts"].tolist() == [3, 3]
     p, ratio = tables.cost_ratio(frame())
     assert p == 64 and ratio == pytest.approx(1 / 3)
 
 
+def test_cost_slope_is_not_fitted_across_depths() -> None:
+    """Trials of different depth are different configurations: no slope is fitted through them (it would be negative here)."""
+    df = frame()
+    df = df[df["method"] == "apt"].assign(depth=lambda d: d["num_prompts"].map({4: 3, 16: 2, 64: 1}),
+                                          additional_gmacs=lambda d: 1e-3 * d["depth"] * (1 + d["num_prompts"] / 1000))
+    assert df.sort_values("num_prompts")["additional_gmacs"].is_monotonic_decreasing
+    trends = tables.cost_trends(df)
+    assert len(trends) == 3 and trends["slope"].isna().all() and set(trends["prompt_counts"]) == {1}
+    text = written_reading(df, tables.front(df), from_runs(df))
+    assert "linear" not in text and "No growth of the logged cost with the prompt count is stated" in text
+
+
 def test_summary_averages_over_seeds() -> None:
-    table = tables.by_method_and_prompts(frame())
+    table = tables.means_over_seeds(frame())
     assert len(table) == 6 and set(table["trials"]) == {2}
     first = table.iloc[0]
     assert first["score_mean"] == pytest.approx(40.005) and first["score_std"] == pytest.approx(math.sqrt(0.00005))
+    assert table[tables.COST_PCT].isna().all()  # no base_gmacs in the frame: cost in GMACs only
 
 
 def test_pareto_front_has_no_dominated_point() -> None:
@@ -117,18 +133,32 @@ def test_importance_when_every_trial_scored_the_same_is_empty_with_a_reason() ->
 def test_reading_states_the_cost_ratio_and_the_front() -> None:
     df = frame()
     text = written_reading(df, tables.front(df), from_runs(df), epochs=1)
-    assert "At p=64, APT adds 0.33x the GMACs of deep prompting" in text
+    assert "At p=64, APT adds 0.33x the GMACs of deep prompting (67% less" in text
+    assert "Added computation of **apt** grows linearly with p: 1 MMACs per prompt per site" in text
+    assert "Added computation of **deep_prompt** grows linearly with p: 3 MMACs per prompt per site" in text
     assert "Pareto front" in text and "**method**" in text
+    assert "the trials' runs do not record their model" in text  # no closed form without the model
     assert written_reading(df.iloc[0:0], df.iloc[0:0], from_runs(df.iloc[0:0])).startswith("No trial")
+
+
+def test_reading_states_a_score_trend_only_with_its_n_and_size() -> None:
+    """apt's score creeps up with p (0.01 per step, seeds 0.01 apart): a rise, stated with n, rho and its size."""
+    df = frame()
+    text = written_reading(df, tables.front(df), from_runs(df), epochs=1)
+    apt = df[df["method"] == "apt"]
+    rho = apt["num_prompts"].rank().corr(apt["val_score"].rank())
+    assert f"- **apt**: score rises with p (Spearman ρ {rho:+.2f}" in text
+    assert "n=6 trials at 3 prompt counts" in text and "+0.01 percentage points per doubling of p" in text
 
 
 def test_runs_of_older_versions_read_through_the_vqa_alias() -> None:
     """Frames whose score column has the VQA task's old name give the same tables, front, importance and reading."""
     new, old = frame(), old_frame()
     assert "val_score" not in old
-    pd.testing.assert_frame_equal(tables.by_method_and_prompts(old), tables.by_method_and_prompts(new))
+    pd.testing.assert_frame_equal(tables.means_over_seeds(old), tables.means_over_seeds(new))
     assert tables.front(old)["val_score"].tolist() == tables.front(new)["val_score"].tolist()
-    assert tables.trend(old, "apt") == tables.trend(new, "apt")
+    pd.testing.assert_frame_equal(tables.score_trends(old), tables.score_trends(new))
+    assert tables.score_trends(old)["rho"].notna().all()
     assert from_runs(old).values == pytest.approx(from_runs(new).values)
     assert written_reading(old, tables.front(old), from_runs(old), epochs=1) == written_reading(new, tables.front(new), from_runs(new), epochs=1)
 

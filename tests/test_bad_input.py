@@ -96,6 +96,31 @@ CASES: list[tuple[str, list[str], str]] = [
     ("profile", ["--train-extras", "pooler,prompts"], "train_extras"),
     # --resume with no earlier sweep at that path
     ("sweep", ["--resume", "--storage-path", "no_sweep_here"], "no earlier sweep at"),
+    # input shapes the backbone cannot take, refused before it is built
+    ("profile", ["--image-size", "0x0"], "--image-size 0x0 is not allowed: give a height and width that are positive multiples of tiny-meter's patch size 8"),
+    ("profile", ["--model", "tiny-vilt", "--image-size", "60x64"], "--image-size 60x64 is not allowed"),
+    ("profile", ["--model", "vilt-b32", "--image-size", "384x600"], "positive multiples of vilt-b32's patch size 32"),
+    ("profile", ["--model", "tiny-vilt", "--text-len", "25"], "--text-len 25 is not allowed: tiny-vilt takes at most 24 text tokens"),
+    ("profile", ["--model", "tiny-meter", "--text-len", "26"], "tiny-meter takes at most 25 text tokens"),
+    ("train", ["max_text_len=40"], "max_text_len=40 is above the 24 text tokens tiny-vilt takes"),
+    # closed sets, refused while parsing with the allowed values
+    ("train", ["--data", "hff"], "data='hff' is not allowed (did you mean 'hf'?): choose one of synthetic, vqav2_arrow, hf"),
+    ("profile", ["--sites", "both"], "sites='both' is not allowed"),
+    ("train", ["--method", "aptt"], "unknown method 'aptt' (did you mean 'apt'?)"),
+    # tracking stores apt_ray cannot log to
+    ("sweep", ["--tracking-uri", "ftp://x"], "unsupported scheme 'ftp': use sqlite:///path.db"),
+    ("sweep", ["--tracking-uri", "s3://bucket/runs"], "http:// or https:// (an MLflow tracking server), or databricks"),
+    # a trial setting given as a study key
+    ("sweep", ["num_prompts=32"], "give fixed.num_prompts=32 to set it for every trial, or search_space.num_prompts={type: int"),
+    ("sweep", ["placement=top"], "fixed.placement=top"),
+    # epoch counts above the sanity limit
+    ("train", ["epochs=1000000000"], "epochs=1000000000: input should be less than or equal to 10000"),
+    ("train", ["--epochs", "1000000000"], "less than or equal to 10000"),
+    ("sweep", ["fixed.epochs=1000000000"], "epochs=1000000000: input should be less than or equal to 10000"),
+    ("sweep", ["--max-epochs", "1000000000"], "--max-epochs 1000000000 is not allowed: the limit is 10000 epochs per trial"),
+    # the pointer to the help names the command
+    ("train", ["lr=fast"], "(see `apt-ray train --help`)"),
+    ("sweep", ["concurrency=two"], "(see `apt-ray sweep --help`)"),
 ]
 # "sweep": what the study scripts run (`apt-ray sweep` with their default study); "apt-ray sweep": on its own
 CASES += [("apt-ray sweep", args, needle) for entry, args, needle in CASES if entry == "sweep"]
@@ -103,12 +128,12 @@ CASES += [("apt-ray sweep", args, needle) for entry, args, needle in CASES if en
 
 def run(entry: str, args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
     if entry == "sweep":
-        code = apt_ray_main(["sweep", "--study-default", str(DEFAULT_STUDY), *args])
+        argv = ["sweep", "--study-default", str(DEFAULT_STUDY), *args]
     elif entry == "apt-ray sweep":
-        code = apt_ray_main(["sweep", *args])
+        argv = ["sweep", *args]
     else:
-        code = apt_ray_main([entry, *(TRAIN if entry == "train" else []), *args])
-    return code, capsys.readouterr().err
+        argv = [entry, *(TRAIN if entry == "train" else []), *args]
+    return apt_ray_main(argv), capsys.readouterr().err
 
 
 def error_lines(err: str) -> list[str]:

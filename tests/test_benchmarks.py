@@ -50,3 +50,29 @@ def test_trial_overhead_refuses_bad_flags(capsys: pytest.CaptureFixture[str]) ->
     assert bench.main(["--repeats", "0"]) == 2
     err = capsys.readouterr().err
     assert "must be positive" in err and "Traceback" not in err
+
+
+def test_cli_startup_summary_uses_medians_against_the_goal() -> None:
+    bench = _load("cli_startup")
+    s = bench.summarise({"apt-ray --help": [0.30, 0.20, 9.0], "apt-ray sweep --help": [1.4, 1.2, 0.5, 1.1]}, goal_s=1.0)
+    assert s["apt-ray --help"] == {"median_s": 0.30, "min_s": 0.20, "max_s": 9.0, "runs": 3, "under_goal": True}  # one slow start does not count
+    assert s["apt-ray sweep --help"]["median_s"] == pytest.approx(1.15) and s["apt-ray sweep --help"]["under_goal"] is False
+    with pytest.raises(ValueError, match="no timings"):
+        bench.summarise({"apt-ray --help": []})
+
+
+def test_cli_startup_finds_heavy_packages_by_their_top_level_name() -> None:
+    bench = _load("cli_startup")
+    names = ["argparse", "torch.nn.functional", "torch", "ray._private.worker", "raylet_helper", "pydantic", "mlflowx"]
+    assert bench.heavy_modules(names) == ["ray", "torch"]  # not packages that merely start with the same letters
+    assert bench.heavy_modules(["apt_ray.cli", "pydantic"]) == []
+    table = bench.format_table(bench.summarise({"apt-ray --help": [0.2]}), {"build_parser()": [], "every --help text": ["torch"]})
+    assert "heavy modules after build_parser(): none" in table and "heavy modules after every --help text: torch" in table
+    assert "apt-ray --help" in table and "0.200" in table and "ok" in table
+
+
+def test_cli_startup_refuses_bad_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    bench = _load("cli_startup")
+    assert bench.main(["--repeats", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "must be positive" in err and "Traceback" not in err

@@ -79,3 +79,43 @@ def test_script_exit_code_and_no_traceback(tmp_path: Path) -> None:
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().startswith("apt-ray sweep: error: --num-samples 0") and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("uri,needle", [
+    ("ftp://x", "unsupported scheme 'ftp'"),
+    ("http://127.0.0.1:{port}", "cannot be reached"),
+])
+def test_tracking_uri_checked_before_the_sweep_directory_is_named(uri: str, needle: str, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    code = main(["sweep", "--study-default", str(DEFAULT), "--tracking-uri", uri.format(port=free_port())])
+    out, err = capsys.readouterr()
+    assert code == 2 and needle in err and "Traceback" not in err
+    assert "sweep directory" not in out
+    assert list(tmp_path.iterdir()) == []  # no sweep directory, no MLflow database
+
+
+def test_verbose_reaches_the_console_set_up(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    from apt_ray.sweep import console
+
+    seen: list[bool] = []
+    monkeypatch.setattr(console, "configure_console", lambda verbose=False: seen.append(verbose))
+    for flags in (["--verbose"], []):
+        code, _ = run_main([*flags, "num_trails=3"], capsys, tmp_path, monkeypatch)
+        assert code == 2
+    assert seen == [True, False]
+
+
+def test_interrupted_sweep_prints_the_command_that_resumes_it(tmp_path: Path) -> None:
+    import io
+    from types import SimpleNamespace
+
+    from apt_ray.sweep.cli import print_result
+    from apt_ray.sweep.spec import load_study_spec
+
+    sweep_dir = tmp_path / "my sweep"
+    result = SimpleNamespace(spec=load_study_spec(str(DEFAULT)), rows=[], front=[], sweep_dir=sweep_dir, optuna_storage="sqlite:///o.db",
+                             experiment="e", parent_run_id="r", ui_command="mlflow ui", interrupted=True)
+    out = io.StringIO()
+    print_result(result, out)
+    assert f"continue it with: apt-ray sweep --storage-path '{sweep_dir}' --resume" in out.getvalue()

@@ -201,6 +201,49 @@ def test_resources_the_cluster_cannot_provide(ray_cluster: None, tmp_path: Path)
         run_study(spec, tracking_uri=f"sqlite:///{tmp_path}/m.db", storage_path=str(tmp_path / "s2"))
 
 
+# -- what a researcher reads: the console and the MLflow dashboard of a small sweep --------------------
+
+THIRD_PARTY = ("Token authentication is enabled", "SearchGenerator", "tensorboard", "View run", "A new study created",
+               "Creating initial MLflow database tables", "pid=", "Checkpoint successfully created", "INFO")
+
+
+def test_console_and_dashboard_of_a_small_sweep(ray_cache: Path, ray_tmp: Path, tmp_path: Path) -> None:
+    """A 2-trial sweep through the study script: its console holds its own lines only (a line per finished trial with
+    the counts, elapsed time, ETA and best score; the efficiency; the front and the commands to browse it), none of
+    Ray's, Tune's, MLflow's or Optuna's; and its MLflow runs read back as a dashboard: the experiment opens in the
+    training view, child runs are named by their knobs, the parent's note holds the Pareto table and links the best
+    trial (tagged), each child has one GMACs metric with its constants as params, its per-site table and the figures."""
+    cfg = study_file(tmp_path, name="it-dash", num_trials=2, fixed={**TINY, "epochs": 1, "rank": 4})
+    uri = f"sqlite:///{tmp_path}/m.db"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--config", str(cfg), "--tracking-uri", uri, "--storage-path",
+                           str(tmp_path / "sweep")], cwd=tmp_path, env=subprocess_env(ray_cache, ray_tmp), capture_output=True,
+                          text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert not [line for line in out.splitlines() if any(t in line for t in THIRD_PARTY)], out
+    done = [line for line in out.splitlines() if line.startswith("trial ") and " done: " in line]
+    assert len(done) == 2 and "2/2 done" in done[-1] and "elapsed" in done[-1] and "best " in done[-1], out
+    assert "ETA" in done[0] and "sweep efficiency" in out and "Pareto front" in out and "mlflow ui" in out
+
+    c = client(uri)
+    exp = c.get_experiment_by_name("it-dash")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    parent, children = runs_of(uri, "it-dash")
+    note = parent.data.tags["mlflow.note.content"]
+    assert "| trial | p | r | depth |" in note and "Best trial: [" in note and "2 finished" in note
+    best = [r for r in children if r.data.tags.get("best_trial") == "true"]
+    assert len(best) == 1 and best[0].info.run_id in note and parent.data.tags["best_run_id"] == best[0].info.run_id
+    for run in children:
+        p = run.data.params
+        assert run.info.run_name == f"apt-p{p['num_prompts']}-d{p['depth']}-{p['placement']}-lr{float(p['lr']):.1e}"
+        assert [k for k in run.data.metrics if "gmacs" in k] == ["additional_gmacs"]  # one GMACs metric ...
+        assert {"updated_params", "base_gmacs", "sites", "trainable_params", "startup_s"} <= set(p)  # ... constants as params
+        assert "lr" not in run.data.metrics and "additional_pct_of_base" in run.data.metrics
+        assert {a.path for a in c.list_artifacts(run.info.run_id)} >= {"flops_profile.json", "flops_per_site.json"}
+    figures = {a.path for a in c.list_artifacts(parent.info.run_id, "figures")}
+    assert {"figures/pareto_front.png", "figures/score_vs_prompts.png"} <= figures
+
+
 # -- multi-node cluster, through the study script -------------------------------------------
 
 CLUSTER = """

@@ -1,4 +1,5 @@
-"""Hyperparameter importance (Optuna's fANOVA) for a study's score: from the persisted Optuna study, or from the runs."""
+"""Hyperparameter importance (Optuna's fANOVA) for a study's score: from the persisted Optuna study, or from the runs;
+computed only from :data:`MIN_IMPORTANCE_TRIALS` scored trials up, and otherwise empty with the reason in its note."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from apt_ray.analysis.tables import SCORE, with_score
+from apt_ray.analysis.tables import SCORE, varied_within_method, with_score
 
 DEFAULT_PARAMS = ("method", "num_prompts", "rank", "depth", "placement", "lr", "seed")
+# fANOVA fits a random forest to the trials: with fewer than this many its shares are noise, not findings.
+MIN_IMPORTANCE_TRIALS = 10
 
 
 @dataclass
@@ -21,6 +24,14 @@ class Importance:
     source: str
     trials: int
     note: str = ""
+
+
+def too_few_trials(trials: int) -> str | None:
+    """Why importances are not computed on ``trials`` scored trials (None when there are enough)."""
+    if trials >= MIN_IMPORTANCE_TRIALS:
+        return None
+    return (f"fANOVA importances need at least {MIN_IMPORTANCE_TRIALS} scored trials and this study has {trials}: "
+            "with so few, the shares it gives the knobs are noise, so none are shown")
 
 
 def _evaluator(seed: int) -> Any:
@@ -44,8 +55,10 @@ def from_optuna_study(storage: str, study_name: str, objective: int = 0, seed: i
     study = optuna.load_study(study_name=study_name, storage=storage)
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     varied = _varied_params([t.params for t in complete])
-    if len(complete) < 2 or not varied:
-        return Importance({}, f"Optuna study '{study_name}'", len(complete), "fewer than two finished trials or no knob varied")
+    if reason := too_few_trials(len(complete)):
+        return Importance({}, f"Optuna study '{study_name}'", len(complete), reason)
+    if not varied:
+        return Importance({}, f"Optuna study '{study_name}'", len(complete), "no knob varied between the finished trials")
     multi = len(study.directions) > 1
     values = _compute(study, (lambda t: t.values[objective]) if multi else None, seed)
     return Importance(values, f"Optuna study '{study_name}' ({storage})", len(complete))
@@ -76,8 +89,12 @@ def from_runs(frame: pd.DataFrame, target: str = SCORE, params: Sequence[str] = 
     df = frame[frame[target].notna()] if target in frame else frame.iloc[0:0]
     df = df[[math.isfinite(float(v)) for v in df[target]]] if len(df) else df
     knobs = [p for p in params if p in df and df[p].notna().all() and df[p].astype(str).nunique() > 1]
-    if len(df) < 2 or not knobs:
-        return Importance({}, "MLflow runs", len(df), "fewer than two scored trials or no knob varied")
+    aliases = _method_aliases(df, knobs)
+    knobs = [k for k in knobs if k not in aliases]
+    if reason := too_few_trials(len(df)):
+        return Importance({}, "MLflow runs", len(df), reason)
+    if not knobs:
+        return Importance({}, "MLflow runs", len(df), "no knob varied between the scored trials")
     if df[target].astype(float).nunique() < 2:  # fANOVA has no variance to share out
         return Importance({}, "MLflow runs", len(df), f"every trial scored the same {target}: no knob made a difference")
     dists = {k: _distribution(df[k]) for k in knobs}
@@ -86,7 +103,16 @@ def from_runs(frame: pd.DataFrame, target: str = SCORE, params: Sequence[str] = 
         values = {k: (str(row[k]) if isinstance(dists[k], optuna.distributions.CategoricalDistribution) else row[k]) for k in knobs}
         values = {k: int(v) if isinstance(dists[k], optuna.distributions.IntDistribution) else v for k, v in values.items()}
         study.add_trial(optuna.trial.create_trial(params=values, distributions=dists, value=float(row[target])))
-    return Importance(_compute(study, None, seed), "MLflow runs", len(df))
+    note = (f"{', '.join(aliases)} changed only with the method (one value per method), so the method's share holds theirs"
+            if aliases else "")
+    return Importance(_compute(study, None, seed), "MLflow runs", len(df), note)
+
+
+def _method_aliases(df: pd.DataFrame, knobs: Sequence[str]) -> list[str]:
+    """Knobs that take one value per method (a per-method default): fANOVA cannot tell them from the method."""
+    if "method" not in knobs:
+        return []
+    return [k for k in knobs if k != "method" and k not in varied_within_method(df, (k,))]
 
 
 def parameter_importance(frame: pd.DataFrame, parent: dict[str, Any], seed: int = 0) -> Importance:
@@ -101,6 +127,7 @@ def parameter_importance(frame: pd.DataFrame, parent: dict[str, Any], seed: int 
             return from_optuna_study(storage, name, seed=seed)
         except (KeyError, ValueError, RuntimeError, optuna.exceptions.OptunaError) as e:
             fallback = from_runs(frame, seed=seed)
-            fallback.note = f"the Optuna study could not be read ({type(e).__name__}: {e}); computed from the runs"
+            read = f"the Optuna study could not be read ({type(e).__name__}: {e}); computed from the runs"
+            fallback.note = f"{read}; {fallback.note}" if fallback.note else read
             return fallback
     return from_runs(frame, seed=seed)

@@ -56,13 +56,14 @@ def print_result(result: Any, out: Any = sys.stdout) -> None:
     print(f"Optuna study:     optuna.load_study(study_name='{spec.name}', storage='{result.optuna_storage}')", file=out)
     print(f"MLflow:           experiment '{result.experiment}', parent run {result.parent_run_id}", file=out)
     print(f"open the MLflow UI: {result.ui_command}", file=out)
+    print(f"open the Optuna study: optuna-dashboard {result.optuna_storage}  (pip install optuna-dashboard)", file=out)
     if result.interrupted:
         print(f"\nthe sweep was interrupted; continue it with: {resume_command(result.sweep_dir)}", file=out)
 
 
 def run(args: argparse.Namespace) -> int:
     """Validate, run the study and print the front; a ``UserError`` goes to the caller (one message, exit 2)."""
-    from apt_ray.sweep.progress import configure_console
+    from apt_ray.sweep.console import configure_console
 
     configure_console(verbose=args.verbose)
     return _main(args, args.config or args.study_default)
@@ -81,7 +82,7 @@ def _main(args: argparse.Namespace, config: str | None) -> int:
         explicit = bool(args.config or overrides)
         storage = storage or str(latest_sweep(spec.name).root)
         result = run_study(spec if explicit else None, address=args.address, tracking_uri=args.tracking_uri,
-                           experiment=args.experiment, storage_path=storage, resume=True)
+                           experiment=args.experiment, storage_path=storage, resume=True, verbose=args.verbose)
     else:
         sweep = SweepDir(storage or spec.storage_path or SweepDir.default(spec.name).root)
         # what needs no Ray is checked before the sweep directory is named (run_study checks it again): the data,
@@ -93,6 +94,6 @@ def _main(args: argparse.Namespace, config: str | None) -> int:
         mt.check_tracking_uri(args.tracking_uri or spec.tracking_uri or mt.DEFAULT_TRACKING_URI)
         print(f"sweep directory: {sweep.root}  (if interrupted, continue with: {resume_command(sweep.root)})", flush=True)
         result = run_study(spec, address=args.address, tracking_uri=args.tracking_uri, experiment=args.experiment,
-                           storage_path=str(sweep.root))
+                           storage_path=str(sweep.root), verbose=args.verbose)
     print_result(result)
     return 130 if result.interrupted else 0
