@@ -13,7 +13,7 @@ from scipy import stats
 
 from apt_ray.errors import UserError
 from apt_ray.methods.spec import MethodSpec
-from apt_ray.sweep.summary import pareto_front
+from apt_ray.sweep.summary import param_value, pareto_front
 from apt_ray.tasks import SCORE_KEY, metric_aliases
 
 if TYPE_CHECKING:
@@ -159,24 +159,6 @@ def cost_trends(df: pd.DataFrame) -> pd.DataFrame:
 
 # -- the closed-form cost of one more prompt ------------------------------------------------------------------------
 
-def _param(text: str | None) -> Any:
-    """An MLflow param back to a value: numbers, booleans and lists (as tuples); ``None`` for a missing one."""
-    import yaml
-
-    if text is None or text == "None":
-        return None
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-    return tuple(value) if isinstance(value, list) else value if isinstance(value, bool) else text
-
-
 def _run_params(runs: "StudyRuns") -> dict[str, dict[str, Any]]:
     """Each trial run's params (and its ``base_gmacs`` metric, if it logged one there), by run id."""
     from apt_ray.tracking import mlflow as mt
@@ -199,7 +181,7 @@ def with_settings(runs: "StudyRuns", frame: pd.DataFrame | None = None) -> pd.Da
     if not missing or df.empty or "run_id" not in df:
         return df
     params = _run_params(runs)
-    return df.assign(**{k: [_param(params.get(r, {}).get(k)) for r in df["run_id"]] for k in missing})
+    return df.assign(**{k: [param_value(params.get(r, {}).get(k)) for r in df["run_id"]] for k in missing})
 
 
 def _settings_of(row: pd.Series) -> dict[str, Any]:
@@ -255,10 +237,11 @@ def cost_per_prompt(df: pd.DataFrame) -> pd.DataFrame:
 
 def cost_ratio(df: pd.DataFrame, method: str = "apt", reference: str = "deep_prompt") -> tuple[float, float] | None:
     """``(prompt count, method GMACs / reference GMACs)`` at the largest prompt count both ran with every other knob
-    that cost depends on equal, if any."""
+    that cost depends on equal, if any. A knob that takes one value per method (a method's own layout, e.g. which
+    attention sites it uses) belongs to the method and is not held equal."""
     if COST not in df or "method" not in df:
         return None
-    other = [k for k in varied(df, COST_KNOBS) if k != "method"]
+    other = [k for k in varied(df, COST_KNOBS) if k != "method" and df.groupby("method")[k].nunique(dropna=False).max() > 1]
     cost = df.dropna(subset=[COST]).groupby([*other, PROMPTS, "method"], dropna=False)[COST].mean().unstack("method")
     if method not in cost or reference not in cost:
         return None

@@ -46,10 +46,13 @@ def epoch_metrics(result: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in result.items() if k in EPOCH_KEYS or k.startswith("val_")}
 
 
+NAME_ORDER = ("num_prompts", "rank", "adapter_dim", "depth", "placement")  # then the other searched knobs, by name
+
+
 def run_name(config: dict[str, Any], searched: list[str]) -> str:
     """A child run's name from its method and searched knobs, e.g. ``apt-p8-r38-d4-top``."""
     parts = [str(config.get("method", "trial"))]
-    for key in searched:
+    for key in sorted(searched, key=lambda k: (NAME_ORDER.index(k) if k in NAME_ORDER else len(NAME_ORDER), k)):
         if key == "method" or key not in config:
             continue
         value = config[key]

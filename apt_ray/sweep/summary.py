@@ -17,7 +17,10 @@ METRICS = (SCORE_KEY, "additional_gmacs", "additional_pct_of_base", "updated_par
            "samples_per_s", "step_time_ms")  # as metrics, or as params (constants; runs of older versions: metrics)
 
 
-def _value(text: str | None) -> Any:
+def param_value(text: str | None) -> Any:
+    """An MLflow param back to a value: a number, a boolean or a list (as a tuple); ``None`` for a missing one."""
+    import yaml
+
     if text is None or text == "None":
         return None
     for cast in (int, float):
@@ -25,7 +28,11 @@ def _value(text: str | None) -> Any:
             return cast(text)
         except ValueError:
             pass
-    return text
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return tuple(value) if isinstance(value, list) else value if isinstance(value, bool) else text
 
 
 def row_of(run: Any) -> Row:
@@ -33,10 +40,10 @@ def row_of(run: Any) -> Row:
     tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
     row: Row = {"trial": tags.get(TRIAL_TAG, run.info.run_name), "name": run.info.run_name, "status": tags.get(STATUS_TAG, "unknown"),
                 "run_status": run.info.status, "run_id": run.info.run_id, "start_time": run.info.start_time or 0}
-    row.update({k: _value(params.get(k)) for k in KNOBS})
+    row.update({k: param_value(params.get(k)) for k in KNOBS})
     for k in METRICS:  # read_metric: runs of older versions logged val_score under its old name
         value = read_metric(metrics, k)
-        row[k] = _value(params.get(k)) if value is None else value
+        row[k] = param_value(params.get(k)) if value is None else value
     if tags.get("failure_reason"):
         row["reason"] = tags["failure_reason"]
     return row
