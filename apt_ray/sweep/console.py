@@ -10,11 +10,11 @@ import os
 
 # Loggers of the tools a sweep drives whose INFO lines (banners, "view run" links, database migrations, new-study
 # notices) are not about the sweep; --verbose keeps them.
+# (Ray's own start-up notices are kept off by ``apt_ray.train.distributed.connect(quiet=True)``.)
 THIRD_PARTY_LOGGERS = ("ray", "ray.tune", "ray.train", "mlflow", "optuna", "matplotlib", "urllib3", "alembic",
-                       "ray._private.authentication.authentication_token_setup", "ray.tune.execution.tune_controller")
-QUIET = {"ray._private.authentication.authentication_token_setup": logging.ERROR,  # a notice, once per Ray start
-         # a failed trial's traceback: in its error.txt, and its reason on the sweep's line and MLflow run
-         "ray.tune.execution.tune_controller": logging.CRITICAL}
+                       "ray.tune.execution.tune_controller")
+# a failed trial's traceback: in its error.txt, and its reason on the sweep's line and MLflow run
+QUIET = {"ray.tune.execution.tune_controller": logging.CRITICAL}
 
 
 def configure_console(verbose: bool = False) -> None:

@@ -212,7 +212,7 @@ def run_study(
         # once, here, with every core: left to the trials, the first two would wait on one of them pretraining on one CPU
         # (on a cluster, the trials build it where they run)
         self_pretrained_backbone(spec.train_config({}))
-    started = dist.connect(address, log_to_driver=verbose)
+    started = dist.connect(address, quiet=not verbose)
     try:
         mt.refuse_local_store_on_cluster(uri, _node_ips())
         plan = _plan(spec, sweep)

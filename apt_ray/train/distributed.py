@@ -120,9 +120,9 @@ def local_ray_env() -> None:
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
-def connect(address: str | None, log_to_driver: bool = True) -> bool:
-    """Connect to Ray at ``address`` (or start a local instance); True if this call started Ray. ``log_to_driver``:
-    whether Ray's worker processes' output is also printed here (it is in Ray's log files either way)."""
+def connect(address: str | None, quiet: bool = False) -> bool:
+    """Connect to Ray at ``address`` (or start a local instance); True if this call started Ray. ``quiet``: Ray's
+    worker processes' output and its own notices (below errors) stay in Ray's log files instead of printing here."""
     import ray
 
     if address:
@@ -133,13 +133,13 @@ def connect(address: str | None, log_to_driver: bool = True) -> bool:
         return False
     try:
         if address:
-            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=log_to_driver)
+            ray.init(address=address, logging_level=logging.ERROR if quiet else logging.WARNING, log_to_driver=not quiet)
         else:
             local_ray_env()
             # the dashboard (on the loopback address only) serves the State API that Ray Train's placement-group
             # cleaner needs: without it, the workers' CPUs of a multi-worker trial Tune stopped would stay reserved
-            ray.init(include_dashboard=True, dashboard_host="127.0.0.1", logging_level=logging.WARNING,
-                     log_to_driver=log_to_driver, runtime_env={"worker_process_setup_hook": QUIET_HOOK})
+            ray.init(include_dashboard=True, dashboard_host="127.0.0.1", logging_level=logging.ERROR if quiet else logging.WARNING,
+                     log_to_driver=not quiet, runtime_env={"worker_process_setup_hook": QUIET_HOOK})
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = f"the Ray cluster at {address}" if address else "a local Ray instance"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
