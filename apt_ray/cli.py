@@ -15,13 +15,11 @@ import textwrap
 import types
 import typing
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Callable, Iterator, NoReturn, Sequence
 
 from apt_ray.errors import UserError, for_command, validation_message
 
 if typing.TYPE_CHECKING:
-    from apt_ray.config import TrainConfig
     from apt_ray.methods.spec import MethodSpec
     from apt_ray.models.registry import Preset
     from apt_ray.profile import Profile
@@ -329,24 +327,10 @@ def build_parser() -> Parser:
 
 # -- checks that need no model ---------------------------------------------------------------------------------
 
-def text_limit(model: str, config: Any = None) -> int | None:
-    """The most text tokens ``model``'s backbone takes: its text position embeddings, read from ``config`` (default:
-    the preset's); None when the config does not say."""
-    from apt_ray.models.presets import get_preset
-
-    config = config if config is not None else get_preset(model).make_config(None, None)
-    text = getattr(config, "text_config", None)
-    if isinstance(text, dict) and text.get("max_position_embeddings"):
-        # a separate RoBERTa-style text encoder (METER): positions start after the padding index
-        return int(text["max_position_embeddings"]) - int(text.get("pad_token_id") or 0) - 1
-    limit = getattr(config, "max_position_embeddings", None)
-    return int(limit) if limit else None
-
-
 def check_profile_input(preset: Preset, text_len: int | None, image_hw: tuple[int, int] | None) -> None:
     """Refuse text lengths and image sizes the preset's backbone cannot take, before it is built."""
     if text_len is not None:
-        limit = text_limit(preset.name)
+        limit = preset.text_limit()
         if text_len < 1:
             raise UserError(f"--text-len {text_len} is not allowed: give a positive number of text tokens.")
         if limit is not None and text_len > limit:
@@ -359,21 +343,6 @@ def check_profile_input(preset: Preset, text_len: int | None, image_hw: tuple[in
             dh, dw = preset.image_hw
             raise UserError(f"--image-size {h}x{w} is not allowed: give a height and width that are positive multiples of "
                             f"{preset.name}'s patch size {p}, e.g. {dh}x{dw} (the preset's default).")
-
-
-def check_trial_text_len(cfg: TrainConfig) -> None:
-    """Refuse a ``max_text_len`` above what the trial's backbone takes (the preset's, or a local checkpoint's)."""
-    if cfg.max_text_len is None:
-        return
-    from apt_ray.models.presets import checkpoint_config
-
-    config = checkpoint_config(cfg.model, cfg.checkpoint)
-    if config is None and cfg.checkpoint is not None and not Path(cfg.checkpoint).expanduser().is_file():
-        return  # a hub id (or a missing path, refused when loaded): its config is read when the trial loads it
-    limit = text_limit(cfg.model, config)
-    if limit is not None and cfg.max_text_len > limit:
-        raise UserError(f"max_text_len={cfg.max_text_len} is above the {limit} text tokens {cfg.model} takes: "
-                        f"use max_text_len between 3 and {limit}.")
 
 
 # -- commands -----------------------------------------------------------------------------------------------------
@@ -420,25 +389,15 @@ def _profile(args: argparse.Namespace) -> int:
     with status(f"measuring {args.model} with {spec.name} (building the model, counting FLOPs) ..."):
         prof = profile(args.model, spec, text_len=args.text_len, image_hw=args.image_size)
     if args.json:
-        print(json.dumps(profile_json(prof), indent=2))
+        print(json.dumps(prof.to_dict(), indent=2))
     else:
         print(format_profile(prof, per_site=args.per_site))
     return 0
 
 
-def pct_of_base(prof: Profile) -> float | None:
-    """The method's additional GMACs as a percentage of the base model's (None for a base of zero)."""
-    return 100.0 * prof.additional_gmacs / prof.base_gmacs if prof.base_gmacs else None
-
-
-def profile_json(prof: Profile) -> dict[str, Any]:
-    """The profile's JSON object (``apt-ray profile --json``), with ``additional_pct_of_base``."""
-    return {**prof.to_dict(), "additional_pct_of_base": pct_of_base(prof)}
-
-
 def format_profile(prof: Profile, per_site: bool = False) -> str:
     """A readable table of a :class:`~apt_ray.profile.Profile`."""
-    pct = pct_of_base(prof)
+    pct = prof.additional_pct_of_base
     rows = [
         ("model", prof.model), ("method", prof.method),
         ("prompts / rank", f"{prof.num_prompts} / {prof.rank}"),
@@ -472,7 +431,7 @@ def _train(args: argparse.Namespace) -> int:
         if value is not None:
             overrides[key] = value
     cfg = build_train_config(args.config, overrides)
-    check_trial_text_len(cfg)
+    cfg.check_text_len()
     from apt_ray.train.loop import Diverged, train_loop_per_worker
 
     try:

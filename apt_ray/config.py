@@ -102,6 +102,20 @@ class TrainConfig(BaseModel):
         mult = get_recipe(self.recipe).multipliers(self.method)
         return {**{g: self.lr * m for g, m in mult.items()}, "head": self.head_lr}
 
+    def check_text_len(self) -> None:
+        """Refuse a ``max_text_len`` above what the trial's backbone takes (the preset's, or a local checkpoint's)."""
+        if self.max_text_len is None:
+            return
+        from apt_ray.models.presets import checkpoint_config
+
+        config = checkpoint_config(self.model, self.checkpoint)
+        if config is None and self.checkpoint is not None and not Path(self.checkpoint).expanduser().is_file():
+            return  # a hub id (or a missing path, refused when loaded): its config is read when the trial loads it
+        limit = get_preset(self.model).text_limit(config)
+        if limit is not None and self.max_text_len > limit:
+            raise UserError(f"max_text_len={self.max_text_len} is above the {limit} text tokens {self.model} takes: "
+                            f"use max_text_len between 3 and {limit}.")
+
     @property
     def text_len(self) -> int:
         """Tokens per text: ``max_text_len``, else the preset's."""

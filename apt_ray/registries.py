@@ -1,11 +1,14 @@
 """What the backbone, method and task registries share: the error for a name registered twice, the message for
-an unknown name, and importing the built-in plug-in modules once, on the first lookup."""
+an unknown name, registering for the duration of a block, and importing the built-in plug-in modules once, on the
+first lookup."""
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 
 class RegistryError(ValueError):
@@ -18,6 +21,19 @@ def unknown_name(kind: str, name: object, known: Iterable[str]) -> str:
     close = difflib.get_close_matches(str(name), known, n=1, cutoff=0.5)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     return f"unknown {kind} '{name}'{hint}: choose one of {', '.join(known)}"
+
+
+@contextlib.contextmanager
+def registered_for_block(registry: Mapping[str, Any], name: str, register: Callable[[], Any],
+                         unregister: Callable[[str], Any]) -> Iterator[Any]:
+    """Run ``register()``, yield ``registry[name]``, and unregister it afterwards (unless it was replaced meanwhile)."""
+    register()
+    entry = registry[name]
+    try:
+        yield entry
+    finally:
+        if registry.get(name) is entry:
+            unregister(name)
 
 
 class Builtins:

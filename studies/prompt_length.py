@@ -52,7 +52,7 @@ def print_summary(tracking_uri: str, experiment: str, parent_run_id: str) -> Non
     supports, each with its n (none where too few prompt counts ran), as the analysis notebook states them."""
     from apt_ray.analysis import load_study_runs, reading, tables
 
-    trained = tables.with_settings(load_study_runs(tracking_uri, experiment, parent_run_id))
+    trained = load_study_runs(tracking_uri, experiment, parent_run_id).trained
     if trained.empty:
         return
     table = tables.means_over_seeds(trained)

@@ -103,6 +103,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("profile", ["--model", "tiny-vilt", "--text-len", "25"], "--text-len 25 is not allowed: tiny-vilt takes at most 24 text tokens"),
     ("profile", ["--model", "tiny-meter", "--text-len", "26"], "tiny-meter takes at most 25 text tokens"),
     ("train", ["max_text_len=40"], "max_text_len=40 is above the 24 text tokens tiny-vilt takes"),
+    ("sweep", ["fixed.max_text_len=100000"], "max_text_len=100000 is above the"),
     # closed sets, refused while parsing with the allowed values
     ("train", ["--data", "hff"], "data='hff' is not allowed (did you mean 'hf'?): choose one of synthetic, vqav2_arrow, hf"),
     ("profile", ["--sites", "both"], "sites='both' is not allowed"),

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from apt_ray.cli import HelpFormatter, build_parser, format_profile, main, profile_json, status
+from apt_ray.cli import HelpFormatter, build_parser, format_profile, main, status
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ("profile", "train", "sweep", "pretrain")
@@ -170,7 +170,7 @@ def test_profile_percentage_of_a_known_profile() -> None:
                    text_len=4, image_hw=[8, 8], stream_lengths={"joint": 5}, base_gmacs=8.0, total_gmacs=8.5,
                    additional_gmacs=0.5, measured_additional_gmacs=0.5, analytic_additional_gmacs=0.5,
                    updated_params=10, analytic_updated_params=10, trainable_params=20, head_params=10)
-    assert profile_json(prof)["additional_pct_of_base"] == pytest.approx(6.25)
+    assert prof.to_dict()["additional_pct_of_base"] == pytest.approx(6.25)
     row = next(line for line in format_profile(prof).splitlines() if line.startswith("additional % of base"))
     assert row.split()[-1] == "6.25%"
 

@@ -76,7 +76,7 @@ def write_study(uri: str, experiment: str, trials: list[dict[str, Any]], base: f
 def study(tmp_path: Path, trials: list[dict[str, Any]], name: str = "truth", base: float | None = BASE_GMACS) -> tuple[str, pd.DataFrame]:
     uri = f"sqlite:///{tmp_path}/m.db"
     write_study(uri, name, trials, base)
-    return uri, tables.with_settings(load_study_runs(uri, name))
+    return uri, load_study_runs(uri, name).trained
 
 
 def read(df: pd.DataFrame) -> str:

@@ -189,7 +189,8 @@ def test_callback_writes_one_nested_run_per_trial(store: tuple[str, str], tmp_pa
     t2 = trial("t2", {**config, "num_prompts": 4}, error_file=error)
     cb.on_trial_start(0, [], t2)
     cb.on_trial_error(0, [], t2)
-    cb.over_budget(7, {**config, "num_prompts": 64}, "over the FLOPs budget: 1 > 0.5")
+    big = {**config, "num_prompts": 64}
+    cb.over_budget(7, big, trial_cost(spec.train_config(big)).metrics(), "over the FLOPs budget: 1 > 0.5")
     cb.on_experiment_end([t1, t2])
     assert cb.writer.close(timeout=60)
 

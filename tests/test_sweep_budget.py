@@ -37,9 +37,11 @@ def profile_free_reference() -> float:
 class Rejections:
     def __init__(self) -> None:
         self.seen: list[tuple[int, dict, str]] = []
+        self.costs: list[dict] = []
 
-    def over_budget(self, number: int, config: dict, reason: str) -> None:
+    def over_budget(self, number: int, config: dict, cost: dict, reason: str) -> None:
         self.seen.append((number, config, reason))
+        self.costs.append(cost)
 
 
 def test_search_refuses_a_cost_just_over_the_budget(tmp_path) -> None:
@@ -58,6 +60,8 @@ def test_search_refuses_a_cost_just_over_the_budget(tmp_path) -> None:
     assert first["num_prompts"] == 8 and first[COST_KEY]["additional_gmacs"] == pytest.approx(limit)
     assert first[COST_KEY]["updated_params"] == trial_cost(base.train_config({"num_prompts": 8})).updated_params
     assert len(sink.seen) == 1 and sink.seen[0][1]["num_prompts"] == 9 and "over the FLOPs budget" in sink.seen[0][2]
+    over = sink.costs[0]["additional_gmacs"]
+    assert over == pytest.approx(trial_cost(base.train_config({"num_prompts": 9})).additional_gmacs) and over > limit
     assert search.rejected == 1
     second = search.suggest("b")
     assert second[COST_KEY]["additional_gmacs"] <= limit  # whatever TPE proposes next is within the budget

@@ -9,7 +9,7 @@ from typing import Any
 import pandas as pd
 
 from apt_ray.errors import UserError
-from apt_ray.sweep.summary import TRAINED, row_of
+from apt_ray.sweep.summary import TRAINED, param_value, row_of
 from apt_ray.tasks import SCORE_KEY
 from apt_ray.tracking import mlflow as mt
 
@@ -88,9 +88,18 @@ def load_study_runs(tracking_uri: str, experiment: str, sweep: str = "latest") -
         children = client.search_runs([exp.experiment_id], filter_string=f"tags.`{mt.PARENT_TAG}` = '{parent.info.run_id}'",
                                       max_results=5000)
         for run in sorted(children, key=lambda r: r.info.start_time or 0):
-            rows.append({**row_of(run), "parent_run_id": parent.info.run_id})
+            rows.append({**cost_settings(run), **row_of(run), "parent_run_id": parent.info.run_id})
     frame = pd.DataFrame(rows, columns=_columns(rows))
     return StudyRuns(experiment, exp.experiment_id, uri, frame, [_parent_facts(p) for p in parents])
+
+
+def cost_settings(run: Any) -> dict[str, Any]:
+    """What a trial's closed-form cost depends on (model, input shapes, the method's knobs), from its params: the
+    analysis recomputes the cost of one more prompt from them."""
+    from apt_ray.analysis.tables import SETTINGS
+
+    params = run.data.params
+    return {k: param_value(params[k]) for k in SETTINGS if k in params}
 
 
 def _columns(rows: list[dict[str, Any]]) -> list[str]:

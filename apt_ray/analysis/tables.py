@@ -5,7 +5,7 @@ Pareto front."""
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -13,11 +13,8 @@ from scipy import stats
 
 from apt_ray.errors import UserError
 from apt_ray.methods.spec import MethodSpec
-from apt_ray.sweep.summary import param_value, pareto_front
+from apt_ray.sweep.summary import pareto_front
 from apt_ray.tasks import SCORE_KEY, metric_aliases
-
-if TYPE_CHECKING:
-    from apt_ray.analysis.runs import StudyRuns
 
 SCORE = SCORE_KEY  # the task's score, whatever the task (VQA: the VQA accuracy, in percent)
 COST = "additional_gmacs"
@@ -158,31 +155,6 @@ def cost_trends(df: pd.DataFrame) -> pd.DataFrame:
 
 
 # -- the closed-form cost of one more prompt ------------------------------------------------------------------------
-
-def _run_params(runs: "StudyRuns") -> dict[str, dict[str, Any]]:
-    """Each trial run's params (and its ``base_gmacs`` metric, if it logged one there), by run id."""
-    from apt_ray.tracking import mlflow as mt
-
-    client = mt.client(runs.tracking_uri)
-    out: dict[str, dict[str, Any]] = {}
-    for parent in runs.parents:
-        query = f"tags.`{mt.PARENT_TAG}` = '{parent['parent_run_id']}'"
-        for run in client.search_runs([runs.experiment_id], filter_string=query, max_results=5000):
-            metrics = {BASE: str(run.data.metrics[BASE])} if BASE in run.data.metrics else {}
-            out[run.info.run_id] = {**metrics, **run.data.params}
-    return out
-
-
-def with_settings(runs: "StudyRuns", frame: pd.DataFrame | None = None) -> pd.DataFrame:
-    """``frame`` (default: the trained trials of ``runs``) with the settings the closed-form cost depends on (model,
-    input shapes, every method knob) and ``base_gmacs``, read from each trial's MLflow params where the frame lacks them."""
-    df = runs.trained if frame is None else frame
-    missing = [k for k in (*SETTINGS, BASE) if k not in df]
-    if not missing or df.empty or "run_id" not in df:
-        return df
-    params = _run_params(runs)
-    return df.assign(**{k: [param_value(params.get(r, {}).get(k)) for r in df["run_id"]] for k in missing})
-
 
 def _settings_of(row: pd.Series) -> dict[str, Any]:
     return {k: _plain(row[k]) for k in (*SETTINGS, PROMPTS) if k in row and not _missing(row[k])}

@@ -25,13 +25,13 @@ import copy
 import importlib
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterator, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
-from apt_ray.registries import RegistryError, unknown_name
+from apt_ray.registries import RegistryError, registered_for_block, unknown_name
 
 SiteChoice = Literal["all", "self", "cross"]
 # Backbone parts the APT authors train in every method besides the method and the head: the poolers,
@@ -254,16 +254,11 @@ def unregister_method(name: str) -> MethodEntry:
     return entry
 
 
-@contextlib.contextmanager
 def registered_method(name: str, *, config: type[MethodConfig], apply: ApplyFn | str,
-                      searchable: dict[str, Any] | None = None) -> Iterator[MethodEntry]:
+                      searchable: dict[str, Any] | None = None) -> contextlib.AbstractContextManager[MethodEntry]:
     """Register a method for the duration of a ``with`` block."""
-    entry = register_method(name, config=config, searchable=searchable, apply=apply)
-    try:
-        yield entry
-    finally:
-        if _REGISTRY.get(name) is entry:
-            unregister_method(name)
+    return registered_for_block(_REGISTRY, name, lambda: register_method(name, config=config, searchable=searchable, apply=apply),
+                                unregister_method)
 
 
 def method_names() -> tuple[str, ...]:

@@ -107,6 +107,17 @@ class Preset:
         h, w = self.image_hw
         return (h // self.patch_size) * (w // self.patch_size) + 1
 
+    def text_limit(self, config: PretrainedConfig | None = None) -> int | None:
+        """The most text tokens the backbone takes: its text position embeddings, read from ``config`` (default: the
+        preset's); None when the config does not say."""
+        config = config if config is not None else self.make_config(None, None)
+        text = getattr(config, "text_config", None)
+        if isinstance(text, dict) and text.get("max_position_embeddings"):
+            # a separate RoBERTa-style text encoder (METER): positions start after the padding index
+            return int(text["max_position_embeddings"]) - int(text.get("pad_token_id") or 0) - 1
+        limit = getattr(config, "max_position_embeddings", None)
+        return int(limit) if limit else None
+
     @property
     def backbone(self) -> BackboneEntry:
         """The registered backbone family this preset builds."""

@@ -82,8 +82,13 @@ class Profile:
     per_site: list[dict] = field(default_factory=list)
     convention: str = "GMACs: one multiply-add = one FLOP (as the APT paper and fvcore)"
 
+    @property
+    def additional_pct_of_base(self) -> float | None:
+        """The method's additional GMACs as a percentage of the base model's (None for a base of zero)."""
+        return 100.0 * self.additional_gmacs / self.base_gmacs if self.base_gmacs else None
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "additional_pct_of_base": self.additional_pct_of_base}
 
 
 def measure_macs(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[int, dict[str, int]]:
@@ -192,6 +197,10 @@ class Cost:
     additional_gmacs: float
     updated_params: int
     sites: int
+
+    def metrics(self) -> dict[str, float]:
+        """The cost as a trial reports it (what a sweep optimises and records)."""
+        return {"additional_gmacs": self.additional_gmacs, "updated_params": float(self.updated_params)}
 
 
 def closed_form_cost(model: str, spec: MethodSpec, text_len: int, image_hw: tuple[int, int],

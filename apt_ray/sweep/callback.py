@@ -129,11 +129,10 @@ class MlflowSweepCallback(Callback):
         return {**{k: v for k, v in cfg.items() if v is not None}, **self.resources}
 
     def cost(self, config: dict[str, Any]) -> dict[str, float]:
-        """The closed-form cost of a trial config (cached: the search computed it when it proposed the config)."""
+        """The closed-form cost of a trial config whose own config does not carry it (the search passes it in ``_cost``)."""
         from apt_ray.profile.cost import trial_cost
 
-        cost = trial_cost(self.spec.train_config(config))
-        return {"additional_gmacs": cost.additional_gmacs, "updated_params": float(cost.updated_params)}
+        return trial_cost(self.spec.train_config(config)).metrics()
 
     def profile(self, config: dict[str, Any]) -> dict[str, Any]:
         from apt_ray.profile.cost import trial_profile
@@ -176,8 +175,7 @@ class MlflowSweepCallback(Callback):
         self.writer.json(key, data, PROFILE_ARTIFACT)
         self.writer.table(key, data["per_site"], PER_SITE_TABLE)
         self.writer.params(key, {k: data[k] for k in ("base_gmacs", "sites", "trainable_params")})
-        if data["base_gmacs"] > 0:
-            self.writer.metrics(key, {"additional_pct_of_base": 100 * data["additional_gmacs"] / data["base_gmacs"]})
+        self.writer.metrics(key, {"additional_pct_of_base": data["additional_pct_of_base"]})  # None (skipped) for a zero base
         expected = cost["additional_gmacs"]
         if abs(data["additional_gmacs"] - expected) > 1e-9 * max(1.0, expected):
             self.writer.tags(key, {"profile_mismatch": f"measured {data['additional_gmacs']} vs closed form {expected}"})
@@ -220,13 +218,13 @@ class MlflowSweepCallback(Callback):
         self.writer.mark(key, closed=True)
 
     # -- outside Tune's events ------------------------------------------------------------
-    def over_budget(self, number: int, config: dict[str, Any], reason: str) -> None:
-        """An over-budget proposal of the search: a child run with its params and cost, KILLED, never trained."""
+    def over_budget(self, number: int, config: dict[str, Any], cost: dict[str, float], reason: str) -> None:
+        """An over-budget proposal of the search: a child run with its params and cost (as the search computed it),
+        KILLED, never trained."""
         key = f"over_budget_{number:04d}"
         if key in self.writer.marks:
             return
         self.writer.create(key, f"{run_name(config, self.searched)}-over-budget", self.tags(key, "over_budget"), parent=PARENT_KEY)
-        cost = self.cost(config)
         self.writer.params(key, {**self.params(config), "updated_params": int(cost["updated_params"])})
         self.writer.metrics(key, {"additional_gmacs": cost["additional_gmacs"]})
         self.writer.tags(key, {"failure_reason": reason, "optuna_trial_number": number})

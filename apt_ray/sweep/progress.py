@@ -66,7 +66,7 @@ class SweepConsole(Callback):
     def _name(self, trial: Any) -> str:
         return run_name({k: v for k, v in trial.config.items() if not k.startswith("_")}, self.searched)
 
-    def over_budget(self, number: int, config: dict[str, Any], reason: str) -> None:
+    def over_budget(self, number: int, config: dict[str, Any], cost: dict[str, float], reason: str) -> None:
         self.pruned += 1
         self._say(f"proposal {run_name(config, self.searched)} pruned before training: {reason}")
 

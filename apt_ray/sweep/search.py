@@ -27,7 +27,7 @@ COST_KEY = "_cost"  # in a trial's config: its closed-form cost metrics
 
 
 class RejectionSink(Protocol):
-    def over_budget(self, number: int, config: dict[str, Any], reason: str) -> None: ...
+    def over_budget(self, number: int, config: dict[str, Any], cost: dict[str, float], reason: str) -> None: ...
 
 
 def over_budget_reason(additional_gmacs: float, limit: float) -> str:
@@ -76,7 +76,7 @@ class BudgetedOptunaSearch(OptunaSearch):
             self._proposed[key] = ot_trial.number
             if self._limit is None or cost.additional_gmacs <= self._limit:
                 ot_trial.set_user_attr("tune_trial_id", trial_id)
-                return {**params, COST_KEY: {"additional_gmacs": cost.additional_gmacs, "updated_params": float(cost.updated_params)}}
+                return {**params, COST_KEY: cost.metrics()}
             # over budget: recorded as pruned in the study, never trained; ask again for this trial slot
             ot_trial.set_user_attr("status", "over_budget")
             self._skip(trial_id)
@@ -84,7 +84,7 @@ class BudgetedOptunaSearch(OptunaSearch):
             log.info("Optuna trial %d is over the FLOPs budget (%.4g > %g GMACs): pruned before training",
                      ot_trial.number, cost.additional_gmacs, self._limit)
             for sink in self._sinks:
-                sink.over_budget(ot_trial.number, {**self._spec.base_config(), **params},
+                sink.over_budget(ot_trial.number, {**self._spec.base_config(), **params}, cost.metrics(),
                                  over_budget_reason(cost.additional_gmacs, self._limit))
         self.exhausted = True
         log.warning("%d proposals in a row were over the FLOPs budget or repeats: the space is used up, stopping the search",

@@ -251,6 +251,7 @@ def _check_value(spec: StudySpec, name: str | None, value: Any, limits: Any) -> 
     except ValidationError as e:
         msgs = "; ".join(err["msg"] for err in e.errors())
         raise UserError(f"{where}: the bound {value!r} is not a valid {name} ({msgs}). Fix the bounds of {name} and run again.") from None
+    cfg.check_text_len()
     if cfg.depth is not None and cfg.depth > limits.num_layers:
         raise UserError(
             f"{where}: depth {cfg.depth} is above the {limits.num_layers} layers of {spec.model} that can carry {cfg.method}: "

@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping
-from typing import Annotated, Any, Callable, Iterator, TypeVar
+from typing import Annotated, Any, Callable, TypeVar
 
 from pydantic import AfterValidator
 from pydantic_core import PydanticCustomError
 
 from apt_ray.errors import UserError
-from apt_ray.registries import Builtins, RegistryError, unknown_name
+from apt_ray.registries import Builtins, RegistryError, registered_for_block, unknown_name
 
 # Task name -> the module that registers it, imported on the first lookup.
 BUILTIN_TASKS: dict[str, str] = {"vqa": "apt_ray.tasks.vqa"}
@@ -101,16 +101,9 @@ def unregister_task(name: str) -> Any:
     return _TASKS.pop(name)
 
 
-@contextlib.contextmanager
-def registered_task(name: str, cls: type) -> Iterator[Any]:
+def registered_task(name: str, cls: type) -> contextlib.AbstractContextManager[Any]:
     """Register ``cls`` as task ``name`` for the duration of a ``with`` block."""
-    register_task(name)(cls)
-    entry = _TASKS[name]
-    try:
-        yield entry
-    finally:
-        if _TASKS.get(name) is entry:
-            unregister_task(name)
+    return registered_for_block(_TASKS, name, lambda: register_task(name)(cls), unregister_task)
 
 
 def task_names() -> tuple[str, ...]:

@@ -169,6 +169,8 @@ class Trainer:
         self.carried_loss = (0.0, 0.0)  # (sum, count) over all ranks before a mid-epoch resume; rank 0 holds it
         self.history: list[dict[str, Any]] = []
         self.first_losses: list[float] = []  # losses of the first steps of this process (resume checks)
+        text = os.environ.get(FAIL_AT_STEP_ENV, "")
+        self.fail_at_step = int(text) if text.isdigit() else None
 
     @property
     def profile(self) -> Profile:
@@ -259,8 +261,8 @@ class Trainer:
         return {SCORE_KEY: metrics[task.score], **metrics}
 
     def _maybe_inject_failure(self) -> None:
-        step = os.environ.get(FAIL_AT_STEP_ENV, "")
-        if not step.isdigit() or self.global_step != int(step) or self.session.rank != self.session.world_size - 1:
+        step = self.fail_at_step
+        if step is None or self.global_step != step or self.session.rank != self.session.world_size - 1:
             return
         marker = self.session.checkpoint_scratch().parent / f".failure_injected_at_{step}"
         if marker.exists():
