@@ -154,6 +154,11 @@ def _add_profile_arguments(p: Parser) -> None:
     g = p.add_argument_group("model and method")
     g.add_argument("--model", default="tiny-meter", help=f"backbone preset (built in: {BUILTIN_MODELS})")
     _add_method_args(p, g)
+    from apt_ray.tasks.registry import task_names
+
+    tasks = task_names()
+    g.add_argument("--task", default="vqa", type=_one_of("task", tasks), choices=tasks,
+                   help="the registered task whose head and backbone passes are counted (default: vqa)")
     g = p.add_argument_group("input")
     g.add_argument("--text-len", type=int, default=None, help="text tokens, at most what the backbone takes (default: the preset's)")
     g.add_argument("--image-size", type=_image_hw, default=None, metavar="HxW",
@@ -181,7 +186,8 @@ def _add_train_arguments(p: Parser) -> None:
     g = p.add_argument_group("data")
     kinds = typing.get_args(DataSpec.model_fields["kind"].annotation)
     g.add_argument("--data", default=None, type=_one_of("data", kinds), choices=kinds,
-                   help="which data: the synthetic shapes task, VQAv2 Arrow files or a Hugging Face dataset (data_path=...) "
+                   help="which data: the task's synthetic set, the task's ViLT/METER arrow files (arrow; vqav2_arrow is VQA's "
+                        "older name) or a Hugging Face dataset (data_path=...) "
                         "(default: the config's, else synthetic)")
     g = p.add_argument_group("Ray", "run the trial on Ray Train (without --workers: in this process, no Ray)")
     g.add_argument("--workers", type=int, default=None, help="Ray Train workers (default: no Ray, train in this process)")
@@ -262,7 +268,8 @@ PROFILE_EXAMPLES = """\
 examples:
   apt-ray profile --model tiny-vilt --method apt --num-prompts 16 --rank 4
   apt-ray profile --model meter-clip16-roberta --method deep_prompt --num-prompts 200 --per-site
-  apt-ray profile --model vilt-b32 --method lora --rank 8 --image-size 384x640 --json"""
+  apt-ray profile --model vilt-b32 --method lora --rank 8 --image-size 384x640 --json
+  apt-ray profile --model tiny-meter --method kv_prompt --num-prompts 32 --prune-keep 0.25"""
 
 TRAIN_EXAMPLES = """\
 examples:
@@ -387,7 +394,7 @@ def _profile(args: argparse.Namespace) -> int:
     from apt_ray.profile import profile
 
     with status(f"measuring {args.model} with {spec.name} (building the model, counting FLOPs) ..."):
-        prof = profile(args.model, spec, text_len=args.text_len, image_hw=args.image_size)
+        prof = profile(args.model, spec, text_len=args.text_len, image_hw=args.image_size, task=args.task)
     if args.json:
         print(json.dumps(prof.to_dict(), indent=2))
     else:
@@ -400,6 +407,7 @@ def format_profile(prof: Profile, per_site: bool = False) -> str:
     pct = prof.additional_pct_of_base
     rows = [
         ("model", prof.model), ("method", prof.method),
+        ("task", f"{prof.task} ({prof.backbone_passes} backbone pass{'es' if prof.backbone_passes > 1 else ''} per example)"),
         ("prompts / rank", f"{prof.num_prompts} / {prof.rank}"),
         ("layers", f"{prof.depth} ({prof.placement}: {prof.layers})"), ("sites", prof.sites),
         ("input", f"{prof.text_len} text tokens, image {prof.image_hw[0]}x{prof.image_hw[1]}; stream lengths {prof.stream_lengths}"),
@@ -412,6 +420,10 @@ def format_profile(prof: Profile, per_site: bool = False) -> str:
         ("trainable params", f"{prof.trainable_params:,} ({prof.trainable_params / 1e6:.2f}M): "
                              + ", ".join(f"{k} {v:,}" for k, v in prof.trainable_groups.items())),
     ]
+    if prof.pruning:
+        cut = prof.pruning
+        rows.insert(3, ("pruning", f"{cut['trained_prompts']} trained, {cut['kept_prompts']} kept per site "
+                                   f"(prune_keep={cut['keep']:g}, {cut['mode']}-wise: {cut['rule']}); counted with the kept"))
     width = max(len(k) for k, _ in rows)
     lines = [f"{k:<{width}}  {v}" for k, v in rows] + [f"({prof.convention})"]
     if per_site and prof.per_site:
@@ -476,7 +488,7 @@ def format_result(result: dict) -> str:
 def _pretrain(args: argparse.Namespace) -> int:
     from apt_ray.config import build_train_config
     from apt_ray.models.presets import get_preset
-    from apt_ray.train.pretrain import DEFAULT_STEPS, ensure_pretrained, pretrain, pretrained_dir
+    from apt_ray.train.pretrain import default_steps, ensure_pretrained, pretrain, pretrained_dir
 
     overrides = {"model": args.model}
     if args.data_path:
@@ -484,7 +496,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     cfg = build_train_config(None, overrides)
     if not get_preset(cfg.model).self_pretrained:
         raise UserError(f"apt-ray pretrain builds the tiny presets only; {cfg.model} loads real weights with checkpoint=...")
-    steps = DEFAULT_STEPS if args.steps is None else args.steps
+    steps = default_steps(cfg.model) if args.steps is None else args.steps
     if steps < 1:
         raise UserError(f"--steps {steps} is not allowed: give a positive number of steps.")
     spec = cfg.data_spec()

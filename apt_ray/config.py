@@ -12,7 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from apt_ray.data.spec import DataSpec
+from apt_ray.data.spec import DataKind, DataSpec
 from apt_ray.errors import UserError, validation_message
 from apt_ray.methods import registry as method_registry
 from apt_ray.methods.spec import MethodName, MethodSpec
@@ -46,7 +46,7 @@ class TrainConfig(BaseModel):
     # registered methods' configs right after this field (see apt_ray.methods.registry and the sync below)
     method: MethodName = "apt"
     # data
-    data: Literal["synthetic", "vqav2_arrow", "hf"] = "synthetic"
+    data: DataKind = "synthetic"
     data_path: str | None = None
     num_train_images: int = Field(2000, gt=0, description="synthetic: training images")
     num_val_images: int = Field(300, gt=0, description="synthetic: validation images")
@@ -56,6 +56,11 @@ class TrainConfig(BaseModel):
     max_text_len: int | None = Field(None, ge=3, description="default: the preset's text length")
     image_size: int | None = Field(None, ge=8, description="what the image processor resizes to (ViLT: the shorter side; METER: the crop); default: the preset's")
     answer_top_k: int = Field(3129, gt=0)
+    num_negatives: int = Field(15, ge=1, description="retrieval: negative captions per training image (ViLT/METER: 15)")
+    negatives: Literal["random", "hard"] = Field("random", description="retrieval: random negatives (ViLT/METER) or the hardest in the batch")
+    rerank_top_k: int | None = Field(None, gt=0, description="retrieval evaluation: matching-head scores for each query's top k by unimodal [CLS] cosine only (METER); default: all pairs")
+    classifier: Literal["linear", "zero_shot"] = Field("linear", description="classification: a linear head on the pooled image features (CLIP's linear probe) or CLIP's zero-shot classifier (cosine to the class prompts' text embeddings)")
+    text_sites: bool = Field(False, description="classification on CLIP with classifier=zero_shot: methods also attach to the text encoder's attention")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
     # optimisation (unset: the recipe's)
     recipe: str = Field("embedded", description="named optimisation settings: " + ", ".join(RECIPES))
@@ -82,6 +87,13 @@ class TrainConfig(BaseModel):
     def _known_recipe(cls, name: str) -> str:
         get_recipe(name)
         return name
+
+    @model_validator(mode="after")
+    def _check_pruning(self) -> "TrainConfig":
+        from apt_ray.methods.configs.pruning import check_pruning
+
+        check_pruning(self.method, self)
+        return self
 
     @model_validator(mode="after")
     def _fill_from_recipe(self) -> "TrainConfig":
@@ -153,7 +165,9 @@ class TrainConfig(BaseModel):
             num_test=self.num_val_images, questions_per_image=self.questions_per_image,
             max_train_questions=self.max_train_questions, max_val_questions=self.max_val_questions,
             image_size=self.image_size or preset.image_size, max_text_len=self.text_len,
-            answer_top_k=self.answer_top_k, batch_size=self.batch_size // world_size, num_workers=self.num_workers,
+            answer_top_k=self.answer_top_k, num_negatives=self.num_negatives, negatives=self.negatives,
+            rerank_top_k=self.rerank_top_k, classifier=self.classifier, text_sites=self.text_sites,
+            batch_size=self.batch_size // world_size, num_workers=self.num_workers,
             seed=self.seed, world_size=world_size, rank=rank,
             tokenizer=resolve_tokenizer(preset.family, self.checkpoint, self.tokenizer, pretrained_dir),
             image_processor=resolve_image_processor(self.checkpoint, self.image_processor, pretrained_dir),

@@ -1,63 +1,53 @@
-"""Train every method on the same backbone and data, over seeds, and print the results table (mean ± sd).
+"""Train every method on the same backbone, task and data, over seeds, and print the results table (mean ± sd).
 
     python studies/compare_methods.py [--model tiny-meter] [--methods apt linear_probe ...] [--seeds 0 1 2]
                                       [--parallel 2] [--json OUT] [key=value ...]
 
-Each run is `apt-ray train` (standalone, no Ray) with `seed=<s>`; overrides apply to all. With `--parallel N`
-N runs go side by side, one torch thread each.
+Each run is the standalone training loop (`apt-ray train`, no Ray) with `seed=<s>`; overrides apply to all
+(`task=nlvr2`, `epochs=2`, ...). With `--parallel N` N runs go side by side, one torch thread each. The table
+shows the task's score and its other metrics (retrieval: every recall), best first, and the chance levels the
+task reports (the most frequent answer or label; a random ranking).
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
-from apt_ray.config import build_train_config, parse_overrides
+from apt_ray.analysis import seeds
+from apt_ray.config import parse_overrides
 from apt_ray.errors import UserError
 from apt_ray.io import write_json_atomic
 from apt_ray.methods.spec import METHOD_NAMES
-
-ROW_KEYS = ("val_vqa_score", "majority_baseline", "updated_params", "additional_gmacs", "trainable_groups", "recipe", "epochs")
-
-
-def run_one(config: dict[str, Any], threads: int | None) -> dict[str, Any]:
-    """One training run; returns the table's fields and its wall time."""
-    import torch
-
-    from apt_ray.train.loop import train_loop_per_worker
-
-    if threads:
-        torch.set_num_threads(threads)
-    t0 = time.perf_counter()
-    result = train_loop_per_worker({**config, "_progress": threads is None})
-    return {"method": config["method"], "seed": config["seed"], **{k: result[k] for k in ROW_KEYS}, "seconds": time.perf_counter() - t0}
+from apt_ray.tasks import get_task
 
 
-def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per method: mean and sample sd of the score over seeds, in the order the methods first appear."""
-    out = []
-    for method in dict.fromkeys(r["method"] for r in rows):
-        mine = [r for r in rows if r["method"] == method]
-        scores = [r["val_vqa_score"] for r in mine]
-        out.append({"method": method, "seeds": [r["seed"] for r in mine], "scores": scores, "mean": statistics.fmean(scores),
-                    "sd": statistics.stdev(scores) if len(scores) > 1 else float("nan"),
-                    "updated_params": mine[0]["updated_params"], "additional_gmacs": mine[0]["additional_gmacs"],
-                    "seconds": statistics.fmean(r["seconds"] for r in mine)})
-    return out
+def shown_metrics(row: dict[str, Any], score_name: str) -> list[str]:
+    """The score first, then the task's other ``val_*`` metrics (``score_name``, the score under the task's own
+    name, left out)."""
+    return [seeds.SCORE, *(k for k in row if k.startswith("val_") and k not in (seeds.SCORE, score_name))]
 
 
-def table(summary: list[dict[str, Any]], majority: float) -> str:
-    lines = ["| method | val VQA score (mean ± sd) | seeds | updated params | additional GMACs | time per run (s) |", "|---|---|---|---|---|---|"]
-    for s in sorted(summary, key=lambda s: -s["mean"]):
-        lines.append(f"| {s['method']} | {s['mean']:.2f} ± {s['sd']:.2f} | {len(s['seeds'])} | {s['updated_params']:,} | "
-                     f"{s['additional_gmacs']:.4f} | {s['seconds']:.0f} |")
-    lines.append(f"| always the most frequent answer | {majority:.2f} | | | | |")
+def table(summary: list[dict[str, Any]], metrics: Sequence[str], score_name: str = seeds.SCORE) -> str:
+    """One row per method, best score first: each metric as mean ± sd (the score under the task's own name,
+    ``score_name``), the score per seed, the cost, the time; then the chance rows the runs reported
+    (``majority_baseline``; ``chance_<metric>`` under ``val_<metric>``)."""
+    names = [(score_name if m == seeds.SCORE else m).removeprefix("val_") for m in metrics]
+    head = ["method", *names, "per seed", "updated params", "additional GMACs",
+            "time per run (s)"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for s in sorted(summary, key=lambda s: -s[seeds.SCORE]["mean"]):
+        per_seed = " / ".join(f"{v:.2f}" for v in s[seeds.SCORE]["values"])
+        lines.append(f"| {s['arm']} | " + " | ".join(seeds.mean_sd(s, m) for m in metrics)
+                     + f" | {per_seed} | {s['updated_params']:,} | {s['additional_gmacs']:.4f} | {s['seconds']:.0f} |")
+    first, blank = summary[0], " |" * (len(head) - 1 - len(metrics))
+    if first.get("majority_baseline") is not None:
+        lines.append(f"| always the most frequent answer | {first['majority_baseline']:.2f} |" + " |" * (len(metrics) - 1) + blank)
+    chance = [first.get("chance_" + n) for n in names]
+    if any(c is not None for c in chance):
+        lines.append("| chance | " + " | ".join("" if c is None else f"{c:.2f}" for c in chance) + " |" + blank)
     return "\n".join(lines)
 
 
@@ -73,27 +63,19 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         unknown = [m for m in args.methods if m not in METHOD_NAMES]
-        if unknown or args.parallel < 1:
-            raise UserError(f"unknown method(s) {unknown}: choose from {', '.join(METHOD_NAMES)}." if unknown
-                            else f"--parallel {args.parallel}: give at least 1.")
-        overrides = parse_overrides(args.overrides)
-        configs = [build_train_config(None, {**overrides, "model": args.model, "method": m, "seed": s,
-                                             "output_dir": str(Path(args.output_dir) / f"{m}-seed{s}")}).model_dump()
-                   for m in args.methods for s in args.seeds]
-        if args.parallel == 1:
-            rows = [run_one(c, None) for c in configs]
-        else:
-            # the first run builds the shared caches (synthetic set, pretrained backbone) before the others start
-            rows = [run_one(configs[0], 1)]
-            with ProcessPoolExecutor(args.parallel, mp_context=get_context("spawn")) as pool:
-                rows += list(pool.map(run_one, configs[1:], [1] * (len(configs) - 1)))
+        if unknown:
+            raise UserError(f"unknown method(s) {unknown}: choose from {', '.join(METHOD_NAMES)}.")
+        common = {**parse_overrides(args.overrides), "model": args.model}
+        runs = seeds.configs({m: {"method": m} for m in args.methods}, args.seeds, common, args.output_dir)
+        rows = seeds.run_all(runs, args.parallel)
     except UserError as e:
         print(f"compare_methods: error: {e}", file=sys.stderr)
         return 2
-    summary = summarise(rows)
-    print("\n" + table(summary, rows[0]["majority_baseline"]))
+    metrics = shown_metrics(rows[0], get_task(runs[0]["task"]).score)
+    summary = seeds.summarise(rows, metrics)
+    print("\n" + table(summary, metrics, get_task(runs[0]["task"]).score))
     if args.json:
-        write_json_atomic(args.json, {"runs": rows, "summary": summary, "overrides": overrides, "model": args.model})
+        write_json_atomic(args.json, {"runs": rows, "summary": summary, "common": common})
     return 0
 
 

@@ -26,6 +26,7 @@ FILES = {
     "broken.yaml": "lr: [1e-3\n",
     "scalar.yaml": "just a string\n",
     "zero_trials.yaml": "name: zero\nnum_trials: 0\n",
+    "nolabel.csv": "image,category\na.png,0\n",  # read as a one-split dataset by `data=hf data_path=.`
 }
 
 # (entry point, arguments, what the message must say)
@@ -85,6 +86,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("sweep", ["data=vqav2_arrow", "fixed.pretrained=false", "fixed.data_path=/nonexistent/vqa"],
      "fixed.data_path /nonexistent/vqa does not exist"),
     ("sweep", ["data=hf", "fixed.pretrained=false"], "data=hf needs fixed.data_path"),
+    ("train", ["--model", "tiny-clip", "task=classification", "data=hf", "data_path=."], "has no 'label' column"),
     # preprocessing sources, recipes and layouts
     ("train", ["recipe=apt-vilt-vq"], "unknown recipe 'apt-vilt-vq' (did you mean 'apt-vilt-vqa'?)"),
     ("sweep", ["fixed.recipe=embeded"], "unknown recipe 'embeded' (did you mean 'embedded'?)"),
@@ -105,7 +107,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("train", ["max_text_len=40"], "max_text_len=40 is above the 24 text tokens tiny-vilt takes"),
     ("sweep", ["fixed.max_text_len=100000"], "max_text_len=100000 is above the"),
     # closed sets, refused while parsing with the allowed values
-    ("train", ["--data", "hff"], "data='hff' is not allowed (did you mean 'hf'?): choose one of synthetic, vqav2_arrow, hf"),
+    ("train", ["--data", "hff"], "data='hff' is not allowed (did you mean 'hf'?): choose one of synthetic, arrow, vqav2_arrow, hf"),
     ("profile", ["--sites", "both"], "sites='both' is not allowed"),
     ("train", ["--method", "aptt"], "unknown method 'aptt' (did you mean 'apt'?)"),
     # tracking stores apt_ray cannot log to
@@ -119,6 +121,23 @@ CASES: list[tuple[str, list[str], str]] = [
     ("train", ["--epochs", "1000000000"], "less than or equal to 10000"),
     ("sweep", ["fixed.epochs=1000000000"], "epochs=1000000000: input should be less than or equal to 10000"),
     ("sweep", ["--max-epochs", "1000000000"], "--max-epochs 1000000000 is not allowed: the limit is 10000 epochs per trial"),
+    # prompt pruning: a keep ratio outside (0, 1], or a method without prompts to prune
+    ("train", ["prune_keep=1.5"], "prune_keep=1.5: input should be less than or equal to 1"),
+    ("train", ["prune_keep=0"], "prune_keep=0: input should be greater than 0"),
+    ("train", ["--method", "lora", "prune_keep=0.5"], "method 'lora' has no prompts to prune"),
+    ("train", ["--method", "kv_prompt", "num_prompts=6", "prune_keep=0.5", "prune_mode=segment"],
+     "cannot split num_prompts=6 into equal segments"),
+    ("profile", ["--prune-keep", "2"], "prune_keep=2.0: input should be less than or equal to 1"),
+    ("profile", ["--method", "adapter", "--prune-keep", "0.5"], "method 'adapter' has no prompts to prune"),
+    ("sweep", ["fixed.prune_keep=-0.5"], "prune_keep=-0.5: input should be greater than 0"),
+    ("sweep", ["search_space.prune_keep={type: float, low: 0.0, high: 1.0}"], "the bound 0.0 is not a valid prune_keep"),
+    # image-text retrieval: re-ranking needs unimodal [CLS] states (tiny-vilt has none); a missing arrow folder
+    ("train", ["task=retrieval", "rerank_top_k=3", "max_train_questions=8", "max_val_questions=4"],
+     "rerank_top_k=3 ranks candidates by the backbone's unimodal [CLS] states"),
+    ("train", ["task=retrieval", "data=arrow", "data_path=/nonexistent/f30k"], "retrieval arrow folder /nonexistent/f30k does not exist"),
+    # NLVR2: a missing arrow folder; an unknown task name for the profile
+    ("train", ["task=nlvr2", "data=arrow", "data_path=/nonexistent/nlvr2"], "NLVR2 arrow folder /nonexistent/nlvr2 does not exist"),
+    ("profile", ["--task", "nlvr"], "task='nlvr' is not allowed"),
     # the pointer to the help names the command
     ("train", ["lr=fast"], "(see `apt-ray train --help`)"),
     ("sweep", ["concurrency=two"], "(see `apt-ray sweep --help`)"),
@@ -196,3 +215,61 @@ def test_bad_data_through_apt_ray_train(tmp_path: Path, capsys: pytest.CaptureFi
     err = capsys.readouterr().err
     assert "Traceback" not in err and len(error_lines(err)) == 1 and "could not be decoded" in error_lines(err)[0], err
     assert not out.exists()
+
+
+# (what the val split's arrow file lacks, what the message must say): Flickr30K files in the ViLT/METER layout
+RETRIEVAL_ARROW_CASES = [
+    ("caption", "lacks the column(s) caption that image-text retrieval reads"),
+    ("image bytes", "has captions but no image bytes in 1 of its 2 rows"),
+]
+
+
+@pytest.mark.parametrize("lack,needle", RETRIEVAL_ARROW_CASES, ids=[c[0] for c in RETRIEVAL_ARROW_CASES])
+def test_bad_retrieval_arrow_through_apt_ray_train(lack: str, needle: str, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.test_retrieval import f30k_rows, write_f30k
+
+    data = tmp_path / "f30k"
+    write_f30k(data, "train", f30k_rows(2, "train"))
+    rows = f30k_rows(2, "val")
+    if lack == "caption":
+        del rows["caption"]
+    else:
+        rows["image"][0] = b""
+    write_f30k(data, "val", rows)
+    before = set(tmp_path.iterdir())
+    out = tmp_path / "out.json"
+    code = apt_ray_main(["train", *TRAIN, "task=retrieval", "data=arrow", f"data_path={data}", f"output_dir={tmp_path / 'out'}",
+                         "--json-out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and len(error_lines(err)) == 1 and needle in error_lines(err)[0], err
+    assert set(tmp_path.iterdir()) == before
+
+
+# (how the dev split's arrow file is broken, what the message must say): NLVR2 files in the ViLT/METER layout
+NLVR2_ARROW_CASES = [
+    ("answers", "lacks the columns answers"),
+    ("one image", "has no image_1"),
+]
+
+
+@pytest.mark.parametrize("lack,needle", NLVR2_ARROW_CASES, ids=[c[0] for c in NLVR2_ARROW_CASES])
+def test_bad_nlvr2_arrow_through_apt_ray_train(lack: str, needle: str, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.test_nlvr2 import nlvr2_rows, write_nlvr2
+
+    data = tmp_path / "nlvr2"
+    write_nlvr2(data, "train", nlvr2_rows(2, "train"))
+    rows = nlvr2_rows(2, "dev")
+    if lack == "answers":
+        del rows["answers"]
+    else:
+        rows["image_1"][0] = None
+    write_nlvr2(data, "dev", rows)
+    before = set(tmp_path.iterdir())
+    out = tmp_path / "out.json"
+    code = apt_ray_main(["train", *TRAIN, "task=nlvr2", "data=arrow", f"data_path={data}", f"output_dir={tmp_path / 'out'}",
+                         "--json-out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and len(error_lines(err)) == 1 and needle in error_lines(err)[0], err
+    assert set(tmp_path.iterdir()) == before

@@ -23,7 +23,8 @@ from apt_ray.models.presets import build_backbone
 from apt_ray.tasks import (
     SCORE_KEY, RegistryError, Task, canonical_metric, get_task, read_metric, register_task, task_names, unregister_task,
 )
-from apt_ray.tasks.base import MODEL_INPUTS
+from apt_ray.tasks.base import MODEL_INPUTS, TaskDefaults, pooled_features
+from apt_ray.tasks.registry import BUILTIN_TASKS, registered_task, score_label
 from apt_ray.train.loop import train_loop_per_worker
 from tests.toy_backbone import TOY
 
@@ -135,7 +136,7 @@ def _train(tmp_path, **kw) -> dict[str, Any]:
 
 def test_the_toy_task_is_registered_and_implements_the_protocol(colour_task):
     assert isinstance(colour_task, ColourTask) and isinstance(colour_task, Task) and colour_task.name == "colour"
-    assert task_names() == ("vqa", "colour")
+    assert task_names() == (*BUILTIN_TASKS, "colour")
     assert TrainConfig(task="colour").task == "colour" and TrainConfig().task == "vqa"
     assert isinstance(get_task("vqa"), Task)
 
@@ -166,6 +167,58 @@ def test_the_toy_task_trains_on_the_toy_backbone(tmp_path, colour_task, method):
     assert ("method" in groups) == (method != "head_only")
 
 
+def test_a_task_without_the_optional_members_gets_their_defaults(colour_task):
+    assert colour_task.features is pooled_features and colour_task.evaluate is None
+    assert colour_task.backbone_passes == 1 and colour_task.default_head_width == TaskDefaults.default_head_width
+    assert score_label("colour") == "validation colour accuracy" and score_label("vqa") == "validation VQA score"
+    assert score_label(None) == score_label("no_such_task") == "validation score"
+
+
+def _two_views(backbone: nn.Module, input_ids, attention_mask, pixel_values, pixel_mask=None) -> torch.Tensor:
+    """The image and its mirror image, one backbone pass each, pooled features side by side."""
+    first = backbone(input_ids, attention_mask, pixel_values, pixel_mask)
+    return torch.cat([first, backbone(input_ids, attention_mask, pixel_values.flip(-1), pixel_mask)], dim=-1)
+
+
+class TwoViewColourTask(ColourTask):
+    """The colour task over two backbone passes, evaluated by its own pass over the validation images."""
+
+    features = staticmethod(_two_views)
+    backbone_passes = 2
+
+    def make_head(self, backbone: nn.Module, data: ColourData) -> nn.Module:
+        return nn.Linear(2 * backbone.pooled_size, len(COLOURS))
+
+    def evaluate(self, model: nn.Module, data: ColourData, ctx: Any) -> dict[str, float]:
+        right = seen = 0
+        for batch in data.val_loader:
+            logits = model(*(batch.get(k) for k in self.batch_keys))
+            right += int((logits.argmax(dim=1) == batch["colour"]).sum())
+            seen += len(batch["colour"])
+        right, seen = ctx.all_sum([float(right), float(seen)])
+        return {"val_colour_accuracy": 100.0 * right / seen, "val_images_seen": seen}
+
+
+def test_a_task_with_two_passes_and_its_own_evaluation_trains_and_costs_twice(tmp_path):
+    from apt_ray.methods.spec import MethodSpec
+    from apt_ray.profile.cost import closed_form_cost, profile
+
+    with registered_task("two_view", TwoViewColourTask):
+        result = train_loop_per_worker({"task": "two_view", **SMALL, "model": TOY, "method": "apt", "num_prompts": 2,
+                                        "output_dir": str(tmp_path)})
+        spec = MethodSpec(name="apt", num_prompts=8, rank=4)
+        once = closed_form_cost("tiny-vilt", spec, 24, (64, 64))
+        twice = closed_form_cost("tiny-vilt", spec, 24, (64, 64), task="two_view")
+        measured = profile("tiny-vilt", spec, task="two_view", num_answers=3)
+    last = result["history"][-1]
+    assert last["val_images_seen"] == 16.0 and last[SCORE_KEY] == last["val_colour_accuracy"]
+    assert result["trainable_groups"]["head"] == 2 * 32 * 3 + 3  # the head reads both passes
+    assert twice.additional_gmacs == pytest.approx(2 * once.additional_gmacs) and twice.updated_params == once.updated_params
+    assert measured.backbone_passes == 2 and measured.task == "two_view"
+    assert measured.measured_additional_gmacs == pytest.approx(twice.additional_gmacs, rel=1e-6)
+    assert measured.analytic_additional_gmacs == pytest.approx(twice.additional_gmacs, rel=1e-9)
+
+
 def test_the_linear_probe_needs_a_head_with_a_linear_form(tmp_path, colour_task):
     with pytest.raises(UserError, match="linear_probe needs a head with a linear form"):
         _train(tmp_path, model=TOY, method="linear_probe")
@@ -175,7 +228,7 @@ def test_unknown_task_gets_did_you_mean(colour_task):
     with pytest.raises(UserError) as err:
         get_task("colur")
     msg = str(err.value)
-    assert "unknown task 'colur'" in msg and "did you mean 'colour'" in msg and "choose one of vqa, colour" in msg
+    assert "unknown task 'colur'" in msg and "did you mean 'colour'" in msg and f"choose one of {', '.join((*BUILTIN_TASKS, 'colour'))}" in msg
     with pytest.raises(UserError) as err:
         build_train_config(overrides={"task": "vqa2"})
     assert "unknown task 'vqa2'" in str(err.value) and "did you mean 'vqa'" in str(err.value)

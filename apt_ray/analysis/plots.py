@@ -17,8 +17,8 @@ from matplotlib.ticker import MaxNLocator, NullLocator
 from apt_ray.analysis import tables
 from apt_ray.analysis.importance import Importance
 from apt_ray.analysis.tables import BASE, COST, PROMPTS, SCORE, describe, with_score
+from apt_ray.tasks.registry import score_label
 
-SCORE_LABEL = "validation score (%)"
 COST_LABEL = "additional GMACs (1 multiply-add = 1 FLOP)"
 PCT_LABEL = "% of the base model's GMACs"
 INTEGER_KNOBS = ("rank", "depth", PROMPTS, "epochs", "workers", "seed")
@@ -72,10 +72,16 @@ def _by_configuration(ax: Any, table: pd.DataFrame, value: str, spread: str | No
         ax.legend(fontsize=7)
 
 
+def score_axis_label(df: pd.DataFrame) -> str:
+    """The y-axis name of a score: the task's own ("validation NLVR2 accuracy (%)") when the frame holds one task."""
+    tasks = df["task"].dropna().unique() if "task" in df else []
+    return f"{score_label(tasks[0] if len(tasks) == 1 else None)} (%)"
+
+
 def _score_panel(ax: Any, df: pd.DataFrame) -> None:
     _by_configuration(ax, tables.means_over_seeds(df), "score_mean", "score_std")
     _log2_x(ax, df)
-    ax.set_ylabel(SCORE_LABEL)
+    ax.set_ylabel(score_axis_label(df))
     ax.set_title("score vs prompt count (a line: one configuration; mean ± std over seeds)", fontsize=9)
 
 
@@ -166,7 +172,7 @@ def score_by_knob(df: pd.DataFrame, knobs: tuple[str, ...] = ("depth", "rank", "
     for ax, knob in zip(axes[0], varied):
         colour_scatter(ax, df, PROMPTS, SCORE, knob)
         _log2_x(ax, df)
-        ax.set_ylabel(SCORE_LABEL)
+        ax.set_ylabel(score_axis_label(df))
         ax.set_title(f"score vs prompt count, coloured by {knob}", fontsize=9)
     fig.tight_layout()
     return fig
@@ -195,7 +201,11 @@ def pareto(df: pd.DataFrame, front: pd.DataFrame) -> Any:
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
     df, front = with_score(df), with_score(front)
     for (method, part), marker in zip(df.groupby("method"), MARKERS):
-        ax.scatter(part[COST], part[SCORE], marker=marker, s=30, alpha=0.7, label=str(method))
+        cut = tables.pruned(part)  # "trained p, pruned to k" hollow beside "trained k" filled, at the same cost
+        dots = ax.scatter(part[COST][~cut], part[SCORE][~cut], marker=marker, s=30, alpha=0.7, label=str(method))
+        if cut.any():
+            ax.scatter(part[COST][cut], part[SCORE][cut], marker=marker, s=30, facecolors="none",
+                       edgecolors=dots.get_facecolor()[:1] if len(dots.get_offsets()) else None, label=f"{method}, pruned")
     if len(front):
         keys = [k for k in tables.config_keys(df) if k in front and k != "method"]
         fr = front.sort_values(COST)
@@ -206,7 +216,7 @@ def pareto(df: pd.DataFrame, front: pd.DataFrame) -> Any:
             ax.annotate(text, (r[COST], r[SCORE]), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xlabel(COST_LABEL)
     top = _percent_axis(ax, df, axis="x")
-    ax.set_ylabel(SCORE_LABEL)
+    ax.set_ylabel(score_axis_label(df))
     ax.set_title("accuracy vs added computation", pad=30 if top else 6)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:

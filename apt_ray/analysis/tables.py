@@ -27,6 +27,7 @@ SETTINGS = ("model", "checkpoint", "data", "max_text_len", "image_size", "method
 COST_KNOBS = SETTINGS  # what a cost configuration holds fixed (lr, epochs and the seed do not change the cost)
 HELD = (*SETTINGS, "lr", "epochs", "workers")  # held fixed for a score trend (seed is a repeat, not a knob)
 MIN_PROMPT_COUNTS = 3  # distinct prompt counts a configuration needs before a trend with p is stated
+PRUNE = "prune_keep"  # a knob like any other: a pruned trial is never in the configuration of an unpruned one
 MIN_LINEAR_R2 = 0.999  # how closely a line must fit the cost before "grows linearly" is stated
 LABELS = {"max_text_len": "text length", "image_size": "image size"}
 
@@ -56,6 +57,13 @@ def has_base(df: pd.DataFrame) -> bool:
 
 
 # -- configurations: trials that differ in the prompt count (and seed) only -------------------------------------
+
+def pruned(df: pd.DataFrame) -> pd.Series:
+    """Which trials trained more prompts than they kept (``prune_keep`` below 1); runs without the knob did not prune."""
+    if PRUNE not in df:
+        return pd.Series(False, index=df.index)
+    return pd.to_numeric(df[PRUNE], errors="coerce").fillna(1.0) < 1.0
+
 
 def varied(df: pd.DataFrame, knobs: Sequence[str]) -> list[str]:
     """The knobs of ``knobs`` that take more than one value in ``df``."""

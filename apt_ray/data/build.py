@@ -16,7 +16,7 @@ from apt_ray.data.collate import CaptionCollator, VQACollator
 from apt_ray.data.loaders import CaptionDataset, CountingLoader, QADataset, make_loader
 from apt_ray.data.metrics import majority_baseline
 from apt_ray.data.preprocess import describe_image_processor, first_line, load_image_processor, looks_like_path
-from apt_ray.data.spec import DataSpec
+from apt_ray.data.spec import ARROW_KINDS, DataSpec
 from apt_ray.data.stats import DataStats
 from apt_ray.data.synthetic import GENERATOR_VERSION, TOKENIZER_DIR, build_synthetic_vqa, is_complete, load_synthetic
 from apt_ray.data.tokenizer import build_wordlevel_tokenizer
@@ -24,6 +24,7 @@ from apt_ray.data.vqav2 import ConcatSource, HFVQASource, QASource, load_arrow_s
 from apt_ray.errors import UserError
 
 log = logging.getLogger("apt_ray.data")
+VQA_ARROW_PREFIX = "vqav2"  # vqav2_<split>.arrow (the ViLT/METER layout)
 
 
 @dataclass
@@ -92,8 +93,8 @@ def _hf_splits(spec: DataSpec) -> tuple[Mapping[str, Any], str]:
 
 
 def _split_source(spec: DataSpec, splits: Mapping[str, Any] | None, where: str, split: str) -> QASource:
-    if spec.kind == "vqav2_arrow":
-        return load_arrow_split(where, split, spec.arrow_prefix)
+    if spec.kind in ARROW_KINDS:
+        return load_arrow_split(where, split, spec.arrow_prefix or VQA_ARROW_PREFIX)
     assert splits is not None
     return HFVQASource(pick_split(splits, split, where), name=split)
 
@@ -116,7 +117,7 @@ def _require_questions(source: QASource, split: str, where: str) -> None:
 
 def open_sources(spec: DataSpec) -> tuple[QASource, QASource, str]:
     """Train and val questions for `spec` (generating the synthetic set if needed) and where they are."""
-    if spec.kind == "vqav2_arrow":
+    if spec.kind in ARROW_KINDS:
         splits, where = None, str(Path(_require_path(spec)).expanduser())
     else:
         splits, where = _hf_splits(spec)
@@ -253,7 +254,7 @@ def build_caption_loader(
     `build_data`. Tokenizer: `load_tokenizer(spec)`; images: `load_image_processor(spec)`."""
     spec = _as_spec(spec)
     processor = load_processor_for(spec)
-    if spec.kind == "vqav2_arrow":
+    if spec.kind in ARROW_KINDS:
         raise UserError("Captions exist only in the synthetic set (or a Hugging Face dataset with a 'caption' "
                         "column); set data.kind to 'synthetic' for pretraining.")
     splits, where = _hf_splits(spec)

@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DEFAULT_CACHE_ENV = "APT_RAY_CACHE"
+DataKind = Literal["synthetic", "arrow", "vqav2_arrow", "hf"]
+ARROW_KINDS = ("arrow", "vqav2_arrow")  # vqav2_arrow: the name VQA's arrow files had before every task read arrow
 
 
 def default_cache_dir() -> Path:
@@ -18,24 +20,25 @@ def default_cache_dir() -> Path:
 
 
 class DataSpec(BaseModel):
-    """Where the VQA data comes from, its sizes, and how it is tokenised, batched and sharded.
+    """Where a task's data comes from, its sizes, and how it is tokenised, batched and sharded.
 
     `kind` picks the reader: `synthetic` (the shapes task, generated into a cache on first
-    use), `vqav2_arrow` (a folder of ViLT-style `vqav2_<split>.arrow` files) or `hf`
-    (a Hugging Face `datasets` directory or hub id).
+    use), `arrow` (a folder of the task's ViLT/METER-style arrow files, `<prefix>_<split>.arrow`;
+    `vqav2_arrow` is its older name for VQA) or `hf` (a Hugging Face `datasets` directory or hub id).
     """
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["synthetic", "vqav2_arrow", "hf"] = "synthetic"
+    kind: DataKind = "synthetic"
     path: str | None = Field(
         default=None,
         description="synthetic: cache root (default $APT_RAY_CACHE or ~/.cache/apt_ray) or a "
-        "finished synthetic dataset folder; vqav2_arrow: folder of arrow files; hf: folder or hub id",
+        "finished synthetic dataset folder; arrow: folder of arrow files; hf: folder or hub id",
     )
     train_splits: tuple[str, ...] = ("train",)
     val_split: str = "val"
-    arrow_prefix: str = "vqav2"
+    arrow_prefix: str | None = Field(default=None, description="arrow files' name prefix; default: the task's "
+                                     "(vqav2, nlvr2, f30k_caption_karpathy)")
 
     # synthetic generation (ignored for real data)
     num_train: int = Field(default=3000, gt=0, description="synthetic train images")
@@ -72,6 +75,20 @@ class DataSpec(BaseModel):
         "WordLevel tokenizer built over the train questions and answers",
     )
     answer_top_k: int = Field(default=3129, gt=0)
+    # image-text retrieval (other tasks ignore these)
+    num_negatives: int = Field(default=15, ge=1, description="retrieval: negative captions per training image "
+                               "(ViLT/METER's draw_false_text: 15)")
+    negatives: Literal["random", "hard"] = Field(default="random", description="retrieval: random captions of other "
+                                                 "images (ViLT/METER) or the highest-scoring ones of the batch")
+    rerank_top_k: int | None = Field(default=None, gt=0, description="retrieval evaluation: score with the matching "
+                                     "head only each query's top k candidates by unimodal [CLS] cosine (backbones "
+                                     "with unimodal_cls: METER); default: every pair")
+    # image classification (other tasks ignore these)
+    classifier: Literal["linear", "zero_shot"] = Field(default="linear", description="classification: a linear head "
+                                                       "on the pooled image features, or CLIP's zero-shot classifier "
+                                                       "over the class prompts' text embeddings")
+    text_sites: bool = Field(default=False, description="classification with a CLIP zero_shot classifier: methods "
+                             "also attach to the text encoder's attention")
 
     # loading
     batch_size: int = Field(default=32, gt=0)

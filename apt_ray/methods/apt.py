@@ -10,13 +10,17 @@ import torch
 from torch import nn
 
 from apt_ray.methods.base import AppliedMethod, prepare
+from apt_ray.methods.pruning import PromptRows
 from apt_ray.methods.sites import SiteMethod
 from apt_ray.methods.spec import MethodSpec
 from apt_ray.models.task_model import TaskModel
 
 
-class APTSite(SiteMethod):
-    """Per-site APT parameters: prompts P (p x d), low-rank A (d x r), B (r x d, zero), scale s."""
+class APTSite(PromptRows, SiteMethod):
+    """Per-site APT parameters: prompts P (p x d), low-rank A (d x r), B (r x d, zero), scale s. A pruning mask
+    scales the rows of P, in the keys and in the diffused values alike."""
+
+    prompt_params = ("prompts",)
 
     def __init__(self, hidden: int, num_prompts: int, rank: int) -> None:
         super().__init__()
@@ -27,14 +31,14 @@ class APTSite(SiteMethod):
 
     def prompt_keys(self) -> torch.Tensor:
         """``K~ = P + (P A) B``: the low-rank stand-in for the prompts' key transform."""
-        p = self.prompts
+        p = self.masked(self.prompts)
         return p + (p @ self.lora_a) @ self.lora_b
 
     def transform_output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         keys = self.prompt_keys().to(x.dtype)
         scores = torch.relu(x @ keys.transpose(0, 1))  # (B, Nq, p)
         weight = scores.detach().amax(dim=-1, keepdim=True)
-        diffusion = scores @ self.prompts.to(x.dtype)  # (B, Nq, d)
+        diffusion = scores @ self.masked(self.prompts).to(x.dtype)  # (B, Nq, d)
         return (out + weight * diffusion) * self.log_scale.exp().to(out.dtype)
 
 

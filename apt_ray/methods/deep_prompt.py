@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from apt_ray.methods.base import AppliedMethod, prepare
+from apt_ray.methods.pruning import PromptRows
 from apt_ray.methods.prefix_encoder import PrefixEncoder, PrefixSite, fold_prefix_encoder
 from apt_ray.methods.sites import AttentionSite, SiteAttention, SiteMethod
 from apt_ray.methods.spec import MethodSpec
@@ -38,8 +39,11 @@ def prompt_init_bound(hidden: int, patch: int = 16) -> float:
     return math.sqrt(6.0 / (3 * patch * patch + hidden))
 
 
-class DeepPromptSite(SiteMethod):
-    """``p`` prompt tokens of one site, entering through the site's norm and ``W_k``/``W_v`` (and ``W_q``)."""
+class DeepPromptSite(PromptRows, SiteMethod):
+    """``p`` prompt tokens of one site, entering through the site's norm and ``W_k``/``W_v`` (and ``W_q``). A pruning
+    mask scales the prompts' projected keys and values (a scale on the token itself would be undone by the norm)."""
+
+    prompt_params = ("prompts",)
 
     def __init__(self, hidden: int, num_prompts: int, project_queries: bool) -> None:
         super().__init__()
@@ -57,7 +61,7 @@ class DeepPromptSite(SiteMethod):
             # The authors' fused qkv layer also projects the prompts' queries, which no
             # token uses; kept so that the cost matches the paper's accounting.
             w_q(p)
-        return w_k(p), w_v(p)
+        return self.masked(w_k(p)), self.masked(w_v(p))
 
 
 @torch.no_grad()

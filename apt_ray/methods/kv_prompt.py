@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from apt_ray.methods.base import AppliedMethod, prepare
+from apt_ray.methods.pruning import PromptRows
 from apt_ray.methods.sites import AttentionSite, SiteAttention, SiteMethod
 from apt_ray.methods.spec import MethodSpec
 from apt_ray.models.task_model import TaskModel
@@ -41,8 +42,10 @@ def kaiming_prompts(num_heads: int, num_prompts: int, hidden: int) -> torch.Tens
     return per_head.transpose(0, 1).reshape(num_prompts, hidden)
 
 
-class KVPromptSite(SiteMethod):
+class KVPromptSite(PromptRows, SiteMethod):
     """Key-value prompts of one self-attention site: one shared tensor, or separate key and value prompts."""
+
+    prompt_params = ("key_prompts", "value_prompts")
 
     def __init__(self, hidden: int, num_heads: int, num_prompts: int, shared_kv: bool = True) -> None:
         super().__init__()
@@ -50,8 +53,8 @@ class KVPromptSite(SiteMethod):
         self.value_prompts = None if shared_kv else nn.Parameter(kaiming_prompts(num_heads, num_prompts, hidden))
 
     def extra_kv(self, x: torch.Tensor, y: torch.Tensor, site: SiteAttention) -> tuple[torch.Tensor, torch.Tensor]:
-        k = self.key_prompts.unsqueeze(0)
-        return k, (k if self.value_prompts is None else self.value_prompts.unsqueeze(0))
+        k = self.masked(self.key_prompts).unsqueeze(0)
+        return k, (k if self.value_prompts is None else self.masked(self.value_prompts).unsqueeze(0))
 
 
 class VisualPrompts(nn.Module):

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from apt_ray.methods import registry
+from apt_ray.methods.configs.pruning import check_pruning
 from apt_ray.methods.registry import AUTHORS_EXTRAS, ExtraName, MethodConfig, MethodName, SiteChoice
 
 registry.load_builtins()
@@ -28,6 +29,11 @@ class MethodSpec(BaseModel):
     @property
     def entry(self) -> registry.MethodEntry:
         return registry.get_method(self.name)
+
+    @model_validator(mode="after")
+    def _check_pruning(self) -> "MethodSpec":
+        check_pruning(self.name, self)
+        return self
 
     def config(self) -> MethodConfig:
         """The chosen method's config, from the knobs it declares."""

@@ -521,14 +521,35 @@ class MeterBackbone(nn.Module):
         additive = (1.0 - attention_mask[:, None, None, :].to(h.dtype)) * torch.finfo(h.dtype).min
         return t.encoder(h, attention_mask=additive).last_hidden_state
 
+    @property
+    def image_token_types(self) -> int:
+        """How many image token types the token-type table holds (1, or 2 once grown for image pairs)."""
+        return self.token_type_embeddings.num_embeddings - 1
+
+    def grow_image_token_types(self, count: int = 2) -> None:
+        """Give the token-type table ``count`` image types (ids 1..count), the new rows copied from the image row 1,
+        as METER's NLVR2 head does for its two images; a table that large already is left alone."""
+        old = self.token_type_embeddings
+        if old.num_embeddings >= count + 1:
+            return
+        grown = nn.Embedding(count + 1, old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype)
+        with torch.no_grad():
+            grown.weight[: old.num_embeddings] = old.weight
+            grown.weight[old.num_embeddings:] = old.weight[1]
+        grown.weight.requires_grad_(old.weight.requires_grad)
+        self.token_type_embeddings = grown
+
     def encode(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         pixel_values: torch.Tensor,
         pixel_mask: torch.Tensor | None = None,
+        image_token_type: int = 1,
     ) -> BackboneOutput:
-        """Per-token text and image states plus pooled features; ``pixel_mask`` is ignored (no image padding)."""
+        """Per-token text and image states plus pooled features; ``pixel_mask`` is ignored (no image padding);
+        ``image_token_type``: the image tokens' type id (1; an image pair's second image uses 2, see
+        :meth:`grow_image_token_types`)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         x = self.cross_modal_text_transform(self.encode_text(input_ids, attention_mask))
@@ -537,7 +558,7 @@ class MeterBackbone(nn.Module):
             x = torch.cat([self._cls_token[0].to(x.dtype).expand(x.shape[0], 1, -1), x[:, 1:]], dim=1)
         zeros = torch.zeros(1, 1, dtype=torch.long, device=x.device)
         x = x + self.token_type_embeddings(zeros)
-        y = y + self.token_type_embeddings(zeros + 1)
+        y = y + self.token_type_embeddings(zeros + image_token_type)
         text_mask = _key_mask(attention_mask)
         for text_layer, image_layer in zip(self.cross_modal_text_layers, self.cross_modal_image_layers):
             x, y = text_layer(x, y, text_mask, None), image_layer(y, x, None, text_mask)
@@ -559,9 +580,10 @@ class MeterBackbone(nn.Module):
         attention_mask: torch.Tensor,
         pixel_values: torch.Tensor,
         pixel_mask: torch.Tensor | None = None,
+        image_token_type: int = 1,
     ) -> torch.Tensor:
         """Pooled multimodal features (B, 2 * hidden)."""
-        return self.encode(input_ids, attention_mask, pixel_values, pixel_mask).pooled
+        return self.encode(input_ids, attention_mask, pixel_values, pixel_mask, image_token_type).pooled
 
 
 def _meter_paper_config(vocab_size: int | None = None, pad_token_id: int | None = None) -> MeterConfig:

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 TINY_VOCAB = 512  # the synthetic tokenizer's vocabulary fits; real presets use their own
 
 # Backbone family -> the module that registers it (and its presets), imported on the first lookup.
-BUILTIN_BACKBONES: dict[str, str] = {"vilt": "apt_ray.models.vilt", "meter": "apt_ray.models.meter"}
+BUILTIN_BACKBONES: dict[str, str] = {"vilt": "apt_ray.models.vilt", "meter": "apt_ray.models.meter", "clip": "apt_ray.models.clip"}
 
 T = TypeVar("T", bound=type)
 

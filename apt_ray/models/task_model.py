@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
+
+from apt_ray.tasks.base import pooled_features
 
 
 class TaskModel(nn.Module):
@@ -11,19 +15,24 @@ class TaskModel(nn.Module):
     :meth:`apt_ray.tasks.base.Task.make_head`); ``method_modules`` holds a method's non-site parts and ``extras``
     the learnable backbone additions trained besides the method (the [CLS] replacement).
 
-    ``cls_token_id``: the tokenizer's [CLS] / ``<s>`` id, the start value of that replacement.
+    ``cls_token_id``: the tokenizer's [CLS] / ``<s>`` id, the start value of that replacement. ``features``: the
+    task's ``features(backbone, *inputs)`` (:class:`apt_ray.tasks.base.TaskDefaults`): what the head reads; one
+    backbone pass by default.
     """
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, cls_token_id: int = 0) -> None:
+    def __init__(self, backbone: nn.Module, head: nn.Module, cls_token_id: int = 0,
+                 features: Callable[..., torch.Tensor] | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.features = features or pooled_features
         self.method_modules = nn.ModuleDict()
         self.extras = nn.ParameterDict()
         self.cls_token_id = cls_token_id
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.head(self.backbone(input_ids, attention_mask, pixel_values, pixel_mask))
+    def forward(self, *inputs: torch.Tensor | None) -> torch.Tensor:
+        """The head's logits for the task's ``batch_keys`` tensors, in that order."""
+        return self.head(self.features(self.backbone, *inputs))
 
     def head_parameters(self) -> list[nn.Parameter]:
         return list(self.head.parameters())

@@ -203,16 +203,39 @@ class ViltBackbone(nn.Module):
         ones = torch.ones(b, p.shape[1], dtype=masks.dtype, device=masks.device)
         return torch.cat([embeddings, p], dim=1), torch.cat([masks, ones], dim=1)
 
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None) -> BackboneOutput:
-        """Per-token text and image states plus pooled features."""
-        out = self.vilt(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, pixel_mask=pixel_mask)
+    @property
+    def image_token_types(self) -> int:
+        """How many image token types the modality embedding holds (1, or 2 once grown for image pairs)."""
+        return self.vilt.embeddings.token_type_embeddings.num_embeddings - 1
+
+    def grow_image_token_types(self, count: int = 2) -> None:
+        """Give the modality embedding ``count`` image token types (ids 1..count), the new rows copied from the
+        image row 1, as ViLT's NLVR2 head does for its two images; a table that large already is left alone."""
+        old = self.vilt.embeddings.token_type_embeddings
+        if old.num_embeddings >= count + 1:
+            return
+        grown = nn.Embedding(count + 1, old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype)
+        with torch.no_grad():
+            grown.weight[: old.num_embeddings] = old.weight
+            grown.weight[old.num_embeddings:] = old.weight[1]
+        grown.weight.requires_grad_(old.weight.requires_grad)
+        self.vilt.embeddings.token_type_embeddings = grown
+        self.config.modality_type_vocab_size = count + 1
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None,
+               image_token_type: int = 1) -> BackboneOutput:
+        """Per-token text and image states plus pooled features; ``image_token_type``: the image tokens' type id
+        (1; an image pair's second image uses 2, see :meth:`grow_image_token_types`)."""
+        out = self.vilt(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, pixel_mask=pixel_mask,
+                        image_token_type_idx=image_token_type)
         seq = out.last_hidden_state
         n_text = input_ids.shape[1]
         return BackboneOutput(seq[:, :n_text], seq[:, n_text:], out.pooler_output)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None,
+                image_token_type: int = 1) -> torch.Tensor:
         """Pooled multimodal features (B, pooled_size)."""
-        return self.encode(input_ids, attention_mask, pixel_values, pixel_mask).pooled
+        return self.encode(input_ids, attention_mask, pixel_values, pixel_mask, image_token_type).pooled
 
     @property
     def pooled_size(self) -> int:

@@ -19,9 +19,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import PretrainedConfig
 
 from apt_ray import methods
+from apt_ray.methods.configs.pruning import pruned_spec, pruning_summary
 from apt_ray.methods.spec import MethodSpec
 from apt_ray.models.presets import build_backbone, get_preset
-from apt_ray.models.vqa import VQAModel
+from apt_ray.models.task_model import TaskModel
+from apt_ray.tasks import get_task
 
 if TYPE_CHECKING:
     from apt_ray.config import TrainConfig
@@ -80,6 +82,9 @@ class Profile:
     trainable_groups: dict[str, int] = field(default_factory=dict)
     layout: dict = field(default_factory=dict)
     per_site: list[dict] = field(default_factory=list)
+    pruning: dict = field(default_factory=dict)  # a pruned method: trained and kept prompts (it is counted with the kept)
+    task: str = "vqa"
+    backbone_passes: int = 1
     convention: str = "GMACs: one multiply-add = one FLOP (as the APT paper and fvcore)"
 
     @property
@@ -95,18 +100,9 @@ def measure_macs(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> tup
     """Multiply-adds of one inference forward pass, in total and per module path."""
     model.eval()
     with FlopCounterMode(display=False) as counter:  # no no_grad: its module tracker needs autograd
-        model(**inputs)
+        model(*inputs.values())
     per_module = {name: sum(ops.values()) // 2 for name, ops in counter.get_flop_counts().items()}
     return counter.get_total_flops() // 2, per_module
-
-
-def dummy_inputs(vocab_size: int, text_len: int, image_hw: tuple[int, int], seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "input_ids": torch.randint(5, vocab_size, (1, text_len), generator=g),
-        "attention_mask": torch.ones(1, text_len, dtype=torch.long),
-        "pixel_values": torch.randn(1, 3, *image_hw, generator=g),
-    }
 
 
 def profile(
@@ -114,14 +110,19 @@ def profile(
     method: MethodSpec,
     text_len: int | None = None,
     image_hw: tuple[int, int] | None = None,
-    num_answers: int = VQAV2_ANSWERS,
+    num_answers: int | None = None,
     seed: int = 0,
     config: PretrainedConfig | None = None,
+    task: str = "vqa",
 ) -> Profile:
-    """Build ``model`` (random weights: cost does not depend on them), count, apply ``method``, count again.
+    """Build ``model`` (random weights: cost does not depend on them) with ``task``'s head, count one example,
+    apply ``method``, count again.
 
-    ``config``: the backbone config actually trained (a checkpoint's), when it differs from the preset's.
+    ``num_answers``: the head's width (default: the task's ``default_head_width``); ``config``: the backbone config
+    actually trained (a checkpoint's), when it differs from the preset's.
     """
+    pruning = pruning_summary(method)
+    method = pruned_spec(method)  # a pruned method costs what the method with its kept prompts costs
     preset = get_preset(model)
     text_len = text_len or preset.text_len
     image_hw = tuple(image_hw or preset.image_hw)
@@ -131,18 +132,19 @@ def profile(
     # (no memory, no compute); others (ViLT: its patch sampling is data-dependent) run on the CPU.
     device = torch.device("meta") if preset.meta_profile else torch.device("cpu")
     with device:
-        vqa = VQAModel(build_backbone(model, config=config), num_answers)
-        backbone = vqa.backbone
-        inputs = {k: v.to(device) for k, v in dummy_inputs(backbone.vocab_size, text_len, image_hw, seed).items()}
-        base, base_modules = measure_macs(vqa, inputs)
-        applied = methods.apply(vqa, method)
+        net = _task_model(model, config, task, num_answers)
+        backbone = net.backbone
+        inputs = {k: v.to(device) for k, v in get_task(task).profile_inputs(backbone, text_len, image_hw, seed).items()}
+        base, base_modules = measure_macs(net, inputs)
+        applied = methods.apply(net, method)
         torch.manual_seed(seed)
-        total, total_modules = measure_macs(vqa, inputs)
+        total, total_modules = measure_macs(net, inputs)
 
     lengths = backbone.stream_lengths(text_len, image_tokens)
-    analytic = applied.analytic_breakdown(text_len, image_tokens, lengths)
-    paths = {id(m): n for n, m in vqa.named_modules()}
-    root = type(vqa).__name__
+    passes = get_task(task).backbone_passes
+    analytic = {k: passes * v for k, v in applied.analytic_breakdown(text_len, image_tokens, lengths).items()}
+    paths = {id(m): n for n, m in net.named_modules()}
+    root = type(net).__name__
     per_site = []
     for site in applied.sites:
         key = f"{root}.{paths[id(site.module)]}"
@@ -165,9 +167,17 @@ def profile(
         base_gmacs=base / 1e9, total_gmacs=total / 1e9, additional_gmacs=additional / 1e9,
         measured_additional_gmacs=additional / 1e9, analytic_additional_gmacs=sum(analytic.values()) / 1e9,
         updated_params=updated, analytic_updated_params=applied.analytic_params(), trainable_params=sum(groups.values()),
-        head_params=head, trainable_groups=groups, per_site=per_site,
+        head_params=head, trainable_groups=groups, per_site=per_site, pruning=pruning,
         layout={k: getattr(applied.spec, k) for k in ("sites", *LAYOUT_KNOBS.get(method.name, ()))} | {"train_extras": list(applied.extras)},
+        task=task, backbone_passes=passes,
     )
+
+
+def _task_model(model: str, config: PretrainedConfig | None, task: str, width: int | None) -> TaskModel:
+    """``model``'s backbone with the head ``task`` profiles (``width`` outputs, default the task's own)."""
+    spec = get_task(task)
+    backbone = build_backbone(model, config=config)
+    return TaskModel(backbone, spec.profile_head(backbone, width or spec.default_head_width), features=spec.features)
 
 
 # -- closed forms on the meta device: no weights, no compute -----------------------------------------
@@ -204,24 +214,26 @@ class Cost:
 
 
 def closed_form_cost(model: str, spec: MethodSpec, text_len: int, image_hw: tuple[int, int],
-                     config: PretrainedConfig | None = None) -> Cost:
+                     config: PretrainedConfig | None = None, task: str = "vqa") -> Cost:
     """Additional GMACs and updated parameters from the methods' analytic formulas (what :func:`profile` reports as
-    ``analytic_*``), on a weightless model; ``config``: a checkpoint's backbone config when it differs from the preset's."""
+    ``analytic_*``), on a weightless model; ``config``: a checkpoint's backbone config when it differs from the
+    preset's; ``task``: its backbone passes per example scale the GMACs."""
     config_json = None if config is None else config.to_json_string()
-    return _closed_form(model, spec.model_dump_json(), text_len, (int(image_hw[0]), int(image_hw[1])), config_json)
+    return _closed_form(model, spec.model_dump_json(), text_len, (int(image_hw[0]), int(image_hw[1])), config_json, task)
 
 
 @lru_cache(maxsize=4096)
-def _closed_form(model: str, spec_json: str, text_len: int, image_hw: tuple[int, int], config_json: str | None) -> Cost:
-    spec = MethodSpec.model_validate_json(spec_json)
+def _closed_form(model: str, spec_json: str, text_len: int, image_hw: tuple[int, int], config_json: str | None,
+                 task: str) -> Cost:
+    spec = pruned_spec(MethodSpec.model_validate_json(spec_json))
     preset = get_preset(model)
     image_tokens = (image_hw[0] // preset.patch_size) * (image_hw[1] // preset.patch_size) + 1
     config = None if config_json is None else preset.backbone.config_from_dict(json.loads(config_json))
     with torch.device("meta"):
-        vqa = VQAModel(build_backbone(model, config=config), 2)
-        applied = methods.apply(vqa, spec)
-    lengths = vqa.backbone.stream_lengths(text_len, image_tokens)
-    macs = sum(applied.analytic_breakdown(text_len, image_tokens, lengths).values())
+        net = _task_model(model, config, task, 2)
+        applied = methods.apply(net, spec)
+    lengths = net.backbone.stream_lengths(text_len, image_tokens)
+    macs = get_task(task).backbone_passes * sum(applied.analytic_breakdown(text_len, image_tokens, lengths).values())
     return Cost(macs / 1e9, int(applied.analytic_params()), len(applied.sites))
 
 
@@ -230,7 +242,7 @@ def trial_cost(cfg: "TrainConfig") -> Cost:
     from apt_ray.models.presets import checkpoint_config
 
     return closed_form_cost(cfg.model, cfg.method_spec(), cfg.text_len, cfg.profile_shape()[0],
-                            checkpoint_config(cfg.model, cfg.checkpoint))
+                            checkpoint_config(cfg.model, cfg.checkpoint), cfg.task)
 
 
 def trial_profile(cfg: "TrainConfig") -> dict[str, Any]:
@@ -238,7 +250,8 @@ def trial_profile(cfg: "TrainConfig") -> dict[str, Any]:
     from apt_ray.models.presets import checkpoint_config
 
     prof = profile(cfg.model, cfg.method_spec(), text_len=cfg.text_len, image_hw=cfg.profile_shape()[0],
-                   num_answers=cfg.answer_top_k, config=checkpoint_config(cfg.model, cfg.checkpoint))
+                   num_answers=get_task(cfg.task).head_width_for(cfg), config=checkpoint_config(cfg.model, cfg.checkpoint),
+                   task=cfg.task)
     data = prof.to_dict()
-    data["num_answers_assumed"] = cfg.answer_top_k  # the head width counted in base_gmacs (additional_* do not depend on it)
+    data["num_answers_assumed"] = get_task(cfg.task).head_width_for(cfg)  # the head width counted in base_gmacs (additional_* do not depend on it)
     return data

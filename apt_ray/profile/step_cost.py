@@ -23,7 +23,7 @@ from apt_ray.methods.spec import MethodSpec
 from apt_ray.models.heads import vqa_loss
 from apt_ray.models.presets import build_backbone
 from apt_ray.models.vqa import VQAModel
-from apt_ray.profile.cost import dummy_inputs
+from apt_ray.tasks.base import text_image_inputs
 
 Step = Callable[[], None]
 
@@ -48,7 +48,7 @@ def build_model(model: str, spec: MethodSpec, num_answers: int, device: torch.de
 
 def make_batch(vocab_size: int, shapes: Shapes, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
     """A batch of random token ids, full masks, random pixels and sparse 0/1 answer targets."""
-    one = dummy_inputs(vocab_size, shapes.text_len, shapes.image_hw, seed)
+    one = text_image_inputs(vocab_size, shapes.text_len, shapes.image_hw, seed)
     g = torch.Generator().manual_seed(seed)
     batch = {k: v.expand(shapes.batch_size, *v.shape[1:]).contiguous() for k, v in one.items()}
     batch["pixel_values"] = torch.randn(shapes.batch_size, 3, *shapes.image_hw, generator=g)

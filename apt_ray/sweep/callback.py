@@ -33,7 +33,7 @@ PARENT_KEY = "sweep"
 PROFILE_ARTIFACT = "flops_profile.json"
 EPOCH_KEYS = ("train_loss", "samples_per_s", "step_time_ms", "epoch_time_s")  # lr is a param (its peak); the epoch is the step
 PER_SITE_TABLE = "flops_per_site.json"
-SHORT = {"num_prompts": "p", "rank": "r", "depth": "d", "adapter_dim": "w", "seed": "s"}
+SHORT = {"num_prompts": "p", "prune_keep": "keep", "rank": "r", "depth": "d", "adapter_dim": "w", "seed": "s"}
 # One profiling thread per process, shared by every callback: torch's flop counter tracks modules with process-wide
 # hooks, so two profiles measured at once would count each other's modules.
 PROFILER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flops-profile")
@@ -46,7 +46,7 @@ def epoch_metrics(result: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in result.items() if k in EPOCH_KEYS or k.startswith("val_")}
 
 
-NAME_ORDER = ("num_prompts", "rank", "adapter_dim", "depth", "placement")  # then the other searched knobs, by name
+NAME_ORDER = ("num_prompts", "prune_keep", "rank", "adapter_dim", "depth", "placement")  # then the other searched knobs, by name
 
 
 def run_name(config: dict[str, Any], searched: list[str]) -> str:
@@ -56,10 +56,10 @@ def run_name(config: dict[str, Any], searched: list[str]) -> str:
         if key == "method" or key not in config:
             continue
         value = config[key]
-        if isinstance(value, float):
+        if key in SHORT:
+            parts.append(f"{SHORT[key]}{value:g}" if isinstance(value, float) else f"{SHORT[key]}{value}")
+        elif isinstance(value, float):
             parts.append(f"{key}{value:.1e}")
-        elif key in SHORT:
-            parts.append(f"{SHORT[key]}{value}")
         else:
             parts.append(str(value) if isinstance(value, str) else f"{key}{value}")
     return "-".join(parts)

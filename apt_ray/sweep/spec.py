@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from apt_ray.config import TrainConfig, load_mapping
+from apt_ray.data.spec import ARROW_KINDS, DataKind
 from apt_ray.errors import UserError, validation_message
 from apt_ray.methods.registry import get_method
 from apt_ray.methods.spec import MethodName
@@ -66,7 +67,7 @@ class StudySpec(BaseModel):
     name: str = Field("apt-study", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="study name (MLflow experiment, Optuna study)")
     model: str = "tiny-meter"
     method: MethodName = "apt"
-    data: Literal["synthetic", "vqav2_arrow", "hf"] = "synthetic"
+    data: DataKind = "synthetic"
     fixed: dict[str, Any] = Field(default_factory=dict, description="TrainConfig settings every trial shares")
     search_space: dict[str, ParamSpec] | None = Field(None, description="replaces the default space when given")
     initial_points: list[dict[str, Any]] = Field(default_factory=list, description="configurations tried first (every searched knob set)")
@@ -302,11 +303,12 @@ def check_data(spec: StudySpec) -> None:
         return
     from apt_ray.data.vqav2 import _looks_like_hub_id
 
-    where = "the folder holding vqav2_train.arrow and vqav2_val.arrow" if cfg.data == "vqav2_arrow" else "a dataset folder or a Hugging Face hub id"
+    arrow = cfg.data in ARROW_KINDS
+    where = "the folder holding the task's arrow files" if arrow else "a dataset folder or a Hugging Face hub id"
     if not cfg.data_path:
         raise UserError(f"data={cfg.data} needs fixed.data_path: set it to {where}.")
     path = Path(cfg.data_path).expanduser()
-    exists = path.is_dir() if cfg.data == "vqav2_arrow" else path.exists() or _looks_like_hub_id(cfg.data_path)
+    exists = path.is_dir() if arrow else path.exists() or _looks_like_hub_id(cfg.data_path)
     if not exists:
         raise UserError(f"fixed.data_path {cfg.data_path} does not exist on this machine: set it to {where} "
                         "(on a cluster, a shared path every node mounts).")

@@ -12,7 +12,7 @@ from apt_ray.tracking.mlflow import STATUS_TAG, TRIAL_TAG
 
 Row = dict[str, Any]
 TRAINED = ("finished", "stopped_early")
-KNOBS = ("method", "num_prompts", "rank", "depth", "placement", "lr", "seed", "epochs", "workers")
+KNOBS = ("task", "method", "num_prompts", "rank", "depth", "placement", "lr", "seed", "epochs", "workers")
 METRICS = (SCORE_KEY, "additional_gmacs", "additional_pct_of_base", "updated_params", "base_gmacs", "train_loss",
            "samples_per_s", "step_time_ms")  # as metrics, or as params (constants; runs of older versions: metrics)
 

@@ -8,7 +8,9 @@ A task is a class implementing :class:`apt_ray.tasks.base.Task`, registered by i
         score = "val_accuracy"   # one of the metrics it computes: the loop reports it again as ``val_score``
         ...
 
-(the built-in ``vqa`` task, :mod:`apt_ray.tasks.vqa`, is the full example).
+(the built-in ``vqa`` task, :mod:`apt_ray.tasks.vqa`, is the full example). Optional members (a custom forward over
+several backbone passes, a task's own evaluation, what a cost profile feeds it) default to those of
+:class:`~apt_ray.tasks.base.TaskDefaults`.
 
 The registry holds one instance of the class (built without arguments). Lookups (:func:`get_task`,
 :func:`task_names`, :func:`metric_aliases`) first import the built-in task modules (:data:`BUILTIN_TASKS`), once;
@@ -35,9 +37,15 @@ from pydantic_core import PydanticCustomError
 
 from apt_ray.errors import UserError
 from apt_ray.registries import Builtins, RegistryError, registered_for_block, unknown_name
+from apt_ray.tasks.base import OPTIONAL_MEMBERS, TaskDefaults
 
 # Task name -> the module that registers it, imported on the first lookup.
-BUILTIN_TASKS: dict[str, str] = {"vqa": "apt_ray.tasks.vqa"}
+BUILTIN_TASKS: dict[str, str] = {
+    "vqa": "apt_ray.tasks.vqa",
+    "classification": "apt_ray.tasks.classification",
+    "retrieval": "apt_ray.tasks.retrieval",
+    "nlvr2": "apt_ray.tasks.nlvr2",
+}
 
 T = TypeVar("T", bound=type)
 
@@ -89,6 +97,9 @@ def register_task(name: str) -> Callable[[T], T]:
         if missing:
             raise TypeError(f"task '{name}' ({_where(cls)}) lacks {', '.join(missing)}: see apt_ray.tasks.base.Task.")
         _check_aliases(name, cls)
+        for member in OPTIONAL_MEMBERS:
+            if not hasattr(cls, member):
+                setattr(cls, member, TaskDefaults.__dict__[member])
         cls.name = name
         _TASKS[name] = cls()
         return cls
@@ -134,6 +145,16 @@ def _known_task(name: str) -> str:
 
 # A registered task's name, checked against the live registry (a task registered later is accepted too).
 TaskName = Annotated[str, AfterValidator(_known_task)]
+
+
+def score_label(name: str | None) -> str:
+    """How figures name task ``name``'s score ("validation VQA score"); a generic name for an unknown task or None."""
+    task = _TASKS.get(name) if name else None
+    if task is None and name in BUILTIN_TASKS:
+        task = get_task(name)
+    if task is None:
+        return "validation score"
+    return task.score_label or "validation " + task.score.removeprefix("val_").replace("_", " ")
 
 
 def metric_aliases() -> dict[str, str]:

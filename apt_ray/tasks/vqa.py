@@ -66,5 +66,8 @@ class VQATask:
     def head_width(self, data: DataBundle) -> int:
         return data.num_answers
 
+    def head_width_for(self, cfg: Any) -> int:
+        return cfg.answer_top_k  # the answer vocabulary's size (at most; a small train split may have fewer)
+
     def result_facts(self, data: DataBundle) -> dict[str, Any]:
         return {"majority_baseline": data.majority_baseline}

@@ -78,6 +78,15 @@ def is_checkpoint(directory: str | Path) -> bool:
     return all((d / f).is_file() for f in (METHOD_WEIGHTS, HEAD_WEIGHTS, STATE, META))
 
 
+def read_meta(directory: str | Path) -> dict[str, Any]:
+    """A checkpoint's meta alone (what must be known before its weights load, e.g. a pruned method's kept rows);
+    empty when it cannot be read (``load_checkpoint`` then says why)."""
+    try:
+        return json.loads((Path(directory) / META).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def load_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None, restore_rng: bool = True) -> dict[str, Any]:
     """Restore a checkpoint into ``model`` (and optimiser/scheduler/RNG); returns its meta."""
     d = Path(directory)

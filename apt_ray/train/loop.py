@@ -31,7 +31,9 @@ from apt_ray.models.presets import build_backbone, get_preset
 from apt_ray.models.task_model import TaskModel
 from apt_ray.profile.cost import Profile, profile
 from apt_ray.tasks import SCORE_KEY, get_task, read_metric
-from apt_ray.train.checkpoint import load_checkpoint, save_checkpoint
+from apt_ray.tasks.base import EvalContext
+from apt_ray.train import rewind
+from apt_ray.train.checkpoint import load_checkpoint, read_meta, save_checkpoint
 from apt_ray.train.recipes import get_recipe
 from apt_ray.train.schedule import build_optimizer, warmup_then_decay
 from apt_ray.train.session import LocalSession, Session
@@ -133,6 +135,8 @@ def _all_sum(values: list[float], device: torch.device) -> list[float]:
 class Trainer:
     """One trial's state and its epochs."""
 
+    pruned: dict[str, Any] | None = None  # the cut of a pruning trial, once made (see apt_ray.train.rewind)
+
     def __init__(self, cfg: TrainConfig, session: Session, progress: bool = False) -> None:
         self.started_unix = time.time()  # wall clock, comparable with the driver's: the platform's start-up cost
         self.setup_s: float | None = None  # from here to the first training step (model, method, data)
@@ -150,7 +154,8 @@ class Trainer:
         backbone = load_backbone(cfg, tokenizer, pretrained)
         check_tokenizer(tokenizer, backbone, cfg)
         cls_id = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
-        self.model = TaskModel(backbone, self.task.make_head(backbone, self.data), cls_token_id=cls_id or 0)
+        self.model = TaskModel(backbone, self.task.make_head(backbone, self.data), cls_token_id=cls_id or 0,
+                               features=self.task.features)
         self.applied = methods.apply(self.model, spec)
         self.model.to(self.device)
         self.profile_shape = cfg.profile_shape()[1]
@@ -178,16 +183,20 @@ class Trainer:
         if self._profile is None:
             hw = self.cfg.profile_shape()[0]
             self._profile = profile(self.cfg.model, self.cfg.method_spec(), text_len=self.data.spec.max_text_len, image_hw=hw,
-                                    num_answers=self.task.head_width(self.data), config=self.model.backbone.config)
+                                    num_answers=self.task.head_width(self.data), config=self.model.backbone.config,
+                                    task=self.cfg.task)
         return self._profile
 
     # -- state ---------------------------------------------------------------
     def meta(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
                 "restarts": self.restarts, "history": self.history, "epoch_loss": self._loss_totals(self.epoch_losses),
-                "config": self.cfg.model_dump()}
+                "pruned": self.pruned, "config": self.cfg.model_dump()}
 
     def restore(self, directory: Path, restarted: bool) -> None:
+        cut = read_meta(directory).get("pruned")
+        if cut is not None:  # written during the rewind: cut the fresh model the same way before loading
+            rewind.start_rewind(self, cut)
         meta = load_checkpoint(directory, self.model, self.optimizer, self.scheduler)
         self.epoch, self.step_in_epoch, self.global_step = meta["epoch"], meta["step_in_epoch"], meta["global_step"]
         self.history, self.restarts = meta["history"], meta.get("restarts", 0) + int(restarted)
@@ -246,9 +255,14 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """The task's metrics over the whole validation set (its sums added over this rank's batches, then over
-        the ranks), and its score again as ``val_score``."""
+        the ranks; or the task's own ``evaluate``), and its score again as ``val_score``."""
         self.net.eval()
         task = self.task
+        if task.evaluate is not None:
+            ctx = EvalContext(self.device, self.autocast, self.session.rank, self.session.world_size,
+                              lambda values: _all_sum(values, self.device))
+            metrics = dict(task.evaluate(self.net, self.data, ctx))
+            return {SCORE_KEY: metrics[task.score], **metrics}
         sums = {k: 0.0 for k in task.eval_keys}
         for batch in self.data.val_loader:
             batch = _to(batch, self.device)
@@ -278,7 +292,7 @@ class Trainer:
             self.restore(resume, restarted=getattr(self.session, "is_restart", False))
         epochs_at_start = self.epoch
         bar = tqdm(total=self.total_steps, initial=self.global_step, desc=f"{cfg.method} on {cfg.model}", disable=not self.progress, unit="step")
-        while self.epoch < cfg.epochs and self.global_step < self.total_steps:
+        while self._next_epoch():
             self.net.train()
             loader = self.data.train_loader
             loader.set_epoch(self.epoch)
@@ -332,6 +346,12 @@ class Trainer:
             # must report, or whoever waits on it (a Tune trial) never gets its result
             self.session.report(self.history[-1])
         return self.result()
+
+    def _next_epoch(self) -> bool:
+        """Whether another epoch trains; when the first phase of a pruning trial has ended, prune and rewind first."""
+        if rewind.due(self):
+            rewind.prune_and_rewind(self)
+        return self.epoch < rewind.last_epoch(self) and self.global_step < self.total_steps
 
     def preprocessing(self) -> dict[str, Any]:
         """What the trial fed the model: tokenizer, image processing, recipe (logged with every run)."""

@@ -6,7 +6,8 @@ prompt tuning on top of it would show nothing. METER starts from CLIP, whose
 encoders are aligned already; the tiny METER starts from random encoders, and
 with MLM and ITM alone its matching head stays near chance after 600 steps
 (validation matching accuracy 0.48), while the contrastive term brings it to 0.95
-in the same number of steps. ``ensure_pretrained`` builds one
+in the same number of steps. Dual encoders (CLIP, ``backbone.pretraining == "itc"``) train with CLIP's own
+objective alone, the image-text contrast of ``CLIPModel``. ``ensure_pretrained`` builds one
 on first use (reproducibly from its seed) and caches it; concurrent callers
 wait on a file lock, and the cache entry is written aside then renamed.
 """
@@ -88,6 +89,9 @@ def pretrain(model: str, spec: DataSpec, out_dir: str | Path, steps: int = DEFAU
     torch.manual_seed(seed)
     device = torch.device(device)
     backbone = build_backbone(model, None, len(tokenizer))
+    if getattr(backbone, "pretraining", None) == "itc":
+        return pretrain_itc(backbone, model, spec, tokenizer, out_dir, steps=steps, batch_size=batch_size, lr=lr,
+                            seed=seed, progress=progress, device=device)
     heads = PretrainHeads(backbone.hidden_size, backbone.pooled_size, len(tokenizer))
     backbone.to(device)
     heads.to(device)
@@ -131,20 +135,61 @@ def pretrain(model: str, spec: DataSpec, out_dir: str | Path, steps: int = DEFAU
                 break
         epoch += 1
     bar.close()
+    return _save(backbone, tokenizer, spec, out_dir, {"model": model, "steps": steps, "seed": seed, "batch_size": batch_size, "lr": lr,
+                                                       "device": device.type,
+                                                       "final_mlm_loss": mlm.item(), "final_itm_loss": itm.item(),
+                                                       "final_itc_loss": None if itc is None else itc.item(), "version": PRETRAIN_VERSION})
+
+
+def _save(backbone: nn.Module, tokenizer, spec: DataSpec, out_dir: str | Path, record: dict) -> Path:
+    """``save_pretrained`` the backbone, its tokenizer and image processor and ``pretrain.json`` (``record``) into
+    ``out_dir``: written aside, then renamed into place."""
     final = Path(out_dir)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     backbone.cpu().save_pretrained(tmp)
     tokenizer.save_pretrained(str(tmp))  # the backbone's own preprocessing travels with it
     load_image_processor(spec).save_pretrained(str(tmp))
-    (tmp / "pretrain.json").write_text(json.dumps({"model": model, "steps": steps, "seed": seed, "batch_size": batch_size, "lr": lr,
-                                                   "device": device.type,
-                                                   "final_mlm_loss": mlm.item(), "final_itm_loss": itm.item(),
-                                                   "final_itc_loss": None if itc is None else itc.item(), "version": PRETRAIN_VERSION}))
+    (tmp / "pretrain.json").write_text(json.dumps(record))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     return final
+
+
+def pretrain_itc(backbone: nn.Module, model: str, spec: DataSpec, tokenizer, out_dir: str | Path, *, steps: int,
+                 batch_size: int, lr: float, seed: int, progress: bool, device: str | torch.device) -> Path:
+    """Dual-encoder pretraining (CLIP): the symmetric image-text contrastive loss of ``CLIPModel`` (learnable
+    temperature) on the synthetic captions, in-batch negatives, nothing else; saved like :func:`pretrain`."""
+    device = torch.device(device)
+    backbone.to(device)
+    loader = build_caption_loader(spec, batch_size=batch_size, max_text_len=get_preset(model).text_len)
+    params = [p for p in backbone.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    scheduler = warmup_then_decay(optimizer, steps // 10, steps, "cosine")
+    backbone.train()
+    step, epoch = 0, 0
+    bar = tqdm(total=steps, desc=f"pretraining {model} (ITC)", disable=not progress, unit="step")
+    while step < steps:
+        loader.set_epoch(epoch)
+        for batch in loader:
+            out = backbone.clip(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                                pixel_values=batch["pixel_values"].to(device), return_loss=True)
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            bar.update(1)
+            bar.set_postfix(itc=f"{out.loss.item():.3f}")
+            if step >= steps:
+                break
+        epoch += 1
+    bar.close()
+    return _save(backbone, tokenizer, spec, out_dir, {"model": model, "steps": steps, "seed": seed, "batch_size": batch_size,
+                                                      "lr": lr, "device": device.type, "objective": "itc",
+                                                      "final_itc_loss": out.loss.item(), "version": PRETRAIN_VERSION})
 
 
 def pretrained_dir(model: str, spec: DataSpec, steps: int = DEFAULT_STEPS, seed: int = 0,
@@ -157,13 +202,22 @@ def pretrained_dir(model: str, spec: DataSpec, steps: int = DEFAULT_STEPS, seed:
     return spec.cache_root() / "pretrained" / f"{model}-v{PRETRAIN_VERSION}-{data.name}-steps{steps}-seed{seed}{suffix}"
 
 
-def ensure_pretrained(model: str, spec: DataSpec, steps: int = DEFAULT_STEPS, seed: int = 0, progress: bool = True,
+def default_steps(model: str) -> int:
+    """Pretraining steps of ``model`` when none are given: its backbone class's ``pretrain_steps``, else
+    :data:`DEFAULT_STEPS`."""
+    return int(getattr(get_preset(model).backbone.cls, "pretrain_steps", DEFAULT_STEPS))
+
+
+def ensure_pretrained(model: str, spec: DataSpec, steps: int | None = None, seed: int = 0, progress: bool = True,
                       device: str | torch.device = "cpu") -> Path:
-    """The cached pretrained backbone for ``model`` on the synthetic set of ``spec``; built on first use (on ``device``)."""
+    """The cached pretrained backbone for ``model`` on the synthetic set of ``spec``; built on first use (on ``device``).
+    ``steps``: default the backbone class's ``pretrain_steps`` if it sets one, else :data:`DEFAULT_STEPS`."""
     if not get_preset(model).self_pretrained:
         ours = ", ".join(n for n in preset_names() if get_preset(n).self_pretrained)
         raise UserError(f"only the tiny presets ({ours}) are pretrained by apt_ray; for {model} pass checkpoint=... "
                         "(a transformers directory, hub id or METER .ckpt).")
+    if steps is None:
+        steps = default_steps(model)
     spec = spec.model_copy(update={"world_size": 1, "rank": 0})
     target = pretrained_dir(model, spec, steps, seed, device)
     if (target / "pretrain.json").is_file():

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from apt_ray.methods.configs.pruning import PruneConfig
 from apt_ray.methods.configs.shared import NUM_PROMPTS, RANK, PromptsConfig, RankConfig
 from apt_ray.methods.registry import LR, PLACEMENT, register_method
 
 
-class APTConfig(PromptsConfig, RankConfig):
+class APTConfig(PruneConfig, PromptsConfig, RankConfig):
     """APT: ``num_prompts`` approximated prompts per site, low-rank key transform of rank ``rank``."""
 
     train_scale: bool | None = Field(

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from apt_ray.methods.configs.pruning import PruneConfig
 from apt_ray.methods.configs.shared import NUM_PROMPTS, PromptsConfig
 from apt_ray.methods.registry import LR, PLACEMENT, register_method
 
 
-class DeepPromptConfig(PromptsConfig):
+class DeepPromptConfig(PruneConfig, PromptsConfig):
     """Deep prompts (VPT-deep / P-Tuning v2), optionally OFA-PT's reparameterisation."""
 
     reparam_hidden: int | None = Field(None, ge=1, description="deep_prompt: OFA-PT's shared prefix encoder of this width")

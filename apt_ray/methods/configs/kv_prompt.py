@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from apt_ray.methods.configs.pruning import PruneConfig
 from apt_ray.methods.configs.shared import NUM_PROMPTS, PromptsConfig
 from apt_ray.methods.registry import LR, PLACEMENT, register_method
 
 
-class KVPromptConfig(PromptsConfig):
+class KVPromptConfig(PruneConfig, PromptsConfig):
     """E2VPT: key-value prompts at self-attention sites plus visual prompts."""
 
     shared_kv: bool = Field(True, description="kv_prompt: one tensor serves as key and value prompts (E2VPT's default)")
