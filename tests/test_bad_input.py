@@ -217,58 +217,41 @@ def test_bad_data_through_apt_ray_train(tmp_path: Path, capsys: pytest.CaptureFi
     assert not out.exists()
 
 
-# (what the val split's arrow file lacks, what the message must say): Flickr30K files in the ViLT/METER layout
-RETRIEVAL_ARROW_CASES = [
-    ("caption", "lacks the column(s) caption that image-text retrieval reads"),
-    ("image bytes", "has captions but no image bytes in 1 of its 2 rows"),
+def _break(rows: dict, column: str, how: str) -> None:
+    """Drop ``column`` (``how == "drop"``) or empty its first row (``"empty"``) in a column mapping of rows."""
+    if how == "drop":
+        del rows[column]
+    else:
+        rows[column][0] = b"" if column == "image" else None
+
+
+# (task, its arrow files' writer in the tests, the validation split, the column and how it is broken, what the
+# message must say): files in the ViLT/METER layout whose validation split is broken
+ARROW_CASES = [
+    ("retrieval", "tests.test_retrieval:f30k_rows:write_f30k", "val", "caption", "drop",
+     "lacks the column(s) caption that image-text retrieval reads"),
+    ("retrieval", "tests.test_retrieval:f30k_rows:write_f30k", "val", "image", "empty",
+     "has captions but no image bytes in 1 of its 2 rows"),
+    ("nlvr2", "tests.test_nlvr2:nlvr2_rows:write_nlvr2", "dev", "answers", "drop", "lacks the columns answers"),
+    ("nlvr2", "tests.test_nlvr2:nlvr2_rows:write_nlvr2", "dev", "image_1", "empty", "has no image_1"),
 ]
 
 
-@pytest.mark.parametrize("lack,needle", RETRIEVAL_ARROW_CASES, ids=[c[0] for c in RETRIEVAL_ARROW_CASES])
-def test_bad_retrieval_arrow_through_apt_ray_train(lack: str, needle: str, tmp_path: Path,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    from tests.test_retrieval import f30k_rows, write_f30k
+@pytest.mark.parametrize("task,writer,split,column,how,needle", ARROW_CASES, ids=[f"{c[0]}:{c[3]}" for c in ARROW_CASES])
+def test_bad_task_arrow_through_apt_ray_train(task: str, writer: str, split: str, column: str, how: str, needle: str,
+                                              tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib
 
-    data = tmp_path / "f30k"
-    write_f30k(data, "train", f30k_rows(2, "train"))
-    rows = f30k_rows(2, "val")
-    if lack == "caption":
-        del rows["caption"]
-    else:
-        rows["image"][0] = b""
-    write_f30k(data, "val", rows)
+    module, rows_of, write = writer.split(":")
+    mod = importlib.import_module(module)
+    data = tmp_path / task
+    getattr(mod, write)(data, "train", getattr(mod, rows_of)(2, "train"))
+    rows = getattr(mod, rows_of)(2, split)
+    _break(rows, column, how)
+    getattr(mod, write)(data, split, rows)
     before = set(tmp_path.iterdir())
     out = tmp_path / "out.json"
-    code = apt_ray_main(["train", *TRAIN, "task=retrieval", "data=arrow", f"data_path={data}", f"output_dir={tmp_path / 'out'}",
-                         "--json-out", str(out)])
-    err = capsys.readouterr().err
-    assert code == 2 and "Traceback" not in err and len(error_lines(err)) == 1 and needle in error_lines(err)[0], err
-    assert set(tmp_path.iterdir()) == before
-
-
-# (how the dev split's arrow file is broken, what the message must say): NLVR2 files in the ViLT/METER layout
-NLVR2_ARROW_CASES = [
-    ("answers", "lacks the columns answers"),
-    ("one image", "has no image_1"),
-]
-
-
-@pytest.mark.parametrize("lack,needle", NLVR2_ARROW_CASES, ids=[c[0] for c in NLVR2_ARROW_CASES])
-def test_bad_nlvr2_arrow_through_apt_ray_train(lack: str, needle: str, tmp_path: Path,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
-    from tests.test_nlvr2 import nlvr2_rows, write_nlvr2
-
-    data = tmp_path / "nlvr2"
-    write_nlvr2(data, "train", nlvr2_rows(2, "train"))
-    rows = nlvr2_rows(2, "dev")
-    if lack == "answers":
-        del rows["answers"]
-    else:
-        rows["image_1"][0] = None
-    write_nlvr2(data, "dev", rows)
-    before = set(tmp_path.iterdir())
-    out = tmp_path / "out.json"
-    code = apt_ray_main(["train", *TRAIN, "task=nlvr2", "data=arrow", f"data_path={data}", f"output_dir={tmp_path / 'out'}",
+    code = apt_ray_main(["train", *TRAIN, f"task={task}", "data=arrow", f"data_path={data}", f"output_dir={tmp_path / 'out'}",
                          "--json-out", str(out)])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err and len(error_lines(err)) == 1 and needle in error_lines(err)[0], err

@@ -128,6 +128,22 @@ def test_arrow_reader_reads_the_authors_layout(tmp_path: Path) -> None:
     assert example["statement"] == "there are 1 blue objects" and example["label"] == 1
 
 
+def test_statement_subsets_are_balanced_and_seeded(tmp_path: Path) -> None:
+    from apt_ray.data.nlvr2 import _limit, load_arrow_split
+
+    rows = nlvr2_rows(4, "train")
+    rows["answers"] = [["True", "True"], ["True", "True"], ["True", "False"], ["False", "True"]]  # 6 true, 2 false
+    write_nlvr2(tmp_path, "train", rows)
+    source = load_arrow_split(tmp_path, "train")
+    four = _limit(source, 4, seed=3)
+    assert sorted(four.labels) == [0, 0, 1, 1]
+    assert sorted(_limit(source, 5, seed=3).labels) == [0, 0, 1, 1, 1]  # the odd one is true
+    assert sorted(_limit(source, 7, seed=3).labels) == [0, 0, 1, 1, 1, 1, 1]  # only 2 false exist: the rest true
+    assert _limit(source, 4, seed=3).identifiers == four.identifiers
+    assert all(source.labels[source.identifiers.index(i)] == y for i, y in zip(four.identifiers, four.labels))
+    assert _limit(source, 8, seed=3) is source and _limit(source, None, seed=3) is source
+
+
 def test_arrow_build_data_validates_on_dev_and_batches_both_images(tmp_path: Path) -> None:
     from apt_ray.data.nlvr2 import build_data
 

@@ -17,7 +17,7 @@ from apt_ray.cli import main
 from apt_ray.config import build_train_config
 from apt_ray.methods.configs.pruning import kept_prompts
 from apt_ray.methods.pruning import (
-    attach_masks, detach_masks, importance_scores, prompt_sites, prune, row_counts, select,
+    detach_masks, importance_scores, prompt_sites, prune, row_counts, select,
 )
 from apt_ray.methods.spec import MethodSpec
 from apt_ray.profile.cost import measure_macs

@@ -28,6 +28,7 @@ from apt_ray.data.collate import CollateOutput, ImageBatcher
 from apt_ray.data.loaders import CountingLoader, make_loader
 from apt_ray.data.preprocess import describe_image_processor
 from apt_ray.data.scenes import COLORS, GRID, MIN_SCENE_SIZE, SHAPES, Scene, SceneObject, encode_png, render_scene
+from apt_ray.data.synthetic import datasets_bars
 from apt_ray.data.spec import ARROW_KINDS, DataSpec
 from apt_ray.data.stats import BatchCounts, DataStats
 from apt_ray.data.vqav2 import image_to_bytes, open_hf_dataset, pick_split
@@ -77,7 +78,6 @@ def synthetic_dir(spec: DataSpec) -> Path:
 
 def _write(tmp: Path, sizes: Mapping[str, int], image_size: int, seed: int) -> None:
     from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
-    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
     features = Features({"image": Image(), "label": ClassLabel(names=list(CLASS_NAMES)), "caption": Value("string")})
     splits = {}
@@ -91,13 +91,8 @@ def _write(tmp: Path, sizes: Mapping[str, int], image_size: int, seed: int) -> N
             cols["label"].append(int(label))
             cols["caption"].append(f"a {scene.objects[0].phrase()}")
         splits[split] = Dataset.from_dict(cols, features=features)
-    was_off = are_progress_bars_disabled()
-    disable_progress_bars()
-    try:
+    with datasets_bars():
         DatasetDict(splits).save_to_disk(str(tmp))
-    finally:
-        if not was_off:
-            enable_progress_bars()
     meta = {"generator": "apt_ray.classification", "version": GENERATOR_VERSION, "seed": seed,
             "image_size": image_size, "splits": dict(sizes), "classes": list(CLASS_NAMES)}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
@@ -217,15 +212,8 @@ def _subset(dataset: Any, limit: int | None, seed: int) -> Any:
 
 def _open_quietly(where: str) -> Mapping[str, Any]:
     """``open_hf_dataset`` without datasets' progress bars (a refused run prints its one error line only)."""
-    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
-
-    was_off = are_progress_bars_disabled()
-    disable_progress_bars()
-    try:
+    with datasets_bars():
         return open_hf_dataset(where)
-    finally:
-        if not was_off:
-            enable_progress_bars()
 
 
 def _tokenizer(spec: DataSpec, texts: list[str]) -> Any:

@@ -178,9 +178,9 @@ def is_complete(folder: Path) -> bool:
 def ensure_synthetic(spec: DataSpec) -> Path:
     """Generate the synthetic NLVR2 set of ``spec`` unless it exists (atomically, under a file lock)."""
     from datasets import Dataset, DatasetDict
-    from datasets.utils import disable_progress_bars, enable_progress_bars, are_progress_bars_disabled
     from filelock import FileLock
 
+    from apt_ray.data.synthetic import datasets_bars
     from apt_ray.data.tokenizer import build_wordlevel_tokenizer
 
     final = synthetic_dir(spec)
@@ -204,13 +204,8 @@ def ensure_synthetic(spec: DataSpec) -> Path:
                 report[split] = {"pairs": sizes[split], "statements": len(flat), "true": flat.count("True")}
                 if split == "train":
                     build_wordlevel_tokenizer(sorted({q for row in cols["questions"] for q in row}), tmp / TOKENIZER_DIR)
-            bars_off = are_progress_bars_disabled()
-            disable_progress_bars()
-            try:
+            with datasets_bars():
                 DatasetDict(splits).save_to_disk(str(tmp))
-            finally:
-                if not bars_off:
-                    enable_progress_bars()
             meta = {"generator": GENERATOR, "generator_version": GENERATOR_VERSION, "seed": spec.synthetic_seed,
                     "image_size": spec.render_size, "statements_per_pair": spec.questions_per_image, "splits": report}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))

@@ -7,6 +7,7 @@ It is written into a temporary sibling folder and renamed into place only when w
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -132,10 +133,25 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     return json.loads((Path(path) / META_FILE).read_text())
 
 
+@contextlib.contextmanager
+def datasets_bars(shown: bool = False) -> Iterator[None]:
+    """`datasets`' progress bars off inside the block unless ``shown`` (as they were after it): a generator's or a
+    refused run's output stays its own lines."""
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    were_off = are_progress_bars_disabled()
+    if not shown:
+        disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not shown and not were_off:
+            enable_progress_bars()
+
+
 def _write_dataset(tmp: Path, params: dict[str, int], progress: bool) -> None:
     """Generate every split into `tmp` (the DatasetDict, tokenizer, meta.json)."""
     from datasets import Dataset, DatasetDict
-    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
     sizes = {"train": params["num_train"], "val": params["num_val"], "test": params["num_test"]}
     splits: dict[str, Any] = {}
@@ -160,14 +176,8 @@ def _write_dataset(tmp: Path, params: dict[str, int], progress: bool) -> None:
                 texts = [*set(cols["caption"]), *cols["question"], *qa.ALL_ANSWERS]
                 build_wordlevel_tokenizer(sorted(texts), tmp / TOKENIZER_DIR)
 
-    bars_were_off = are_progress_bars_disabled()
-    if not progress:
-        disable_progress_bars()
-    try:
+    with datasets_bars(shown=progress):
         DatasetDict(splits).save_to_disk(str(tmp))
-    finally:
-        if not progress and not bars_were_off:
-            enable_progress_bars()
 
     meta = {
         "generator": GENERATOR,

@@ -25,7 +25,7 @@ from transformers import CLIPVisionConfig, PretrainedConfig, RobertaConfig
 from apt_ray.errors import UserError
 from apt_ray.methods.sites import AttentionSite, FFNSite, SiteAttention
 from apt_ray.models.attention import site_attention
-from apt_ray.models.output import BackboneOutput
+from apt_ray.models.output import BackboneOutput, with_image_token_types
 from apt_ray.models.registry import TINY_VOCAB, Preset, register_backbone, register_preset
 
 # transformers' modeling code (CLIP, RoBERTa, BERT blocks) is imported when a model is built, not when the
@@ -529,15 +529,7 @@ class MeterBackbone(nn.Module):
     def grow_image_token_types(self, count: int = 2) -> None:
         """Give the token-type table ``count`` image types (ids 1..count), the new rows copied from the image row 1,
         as METER's NLVR2 head does for its two images; a table that large already is left alone."""
-        old = self.token_type_embeddings
-        if old.num_embeddings >= count + 1:
-            return
-        grown = nn.Embedding(count + 1, old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype)
-        with torch.no_grad():
-            grown.weight[: old.num_embeddings] = old.weight
-            grown.weight[old.num_embeddings:] = old.weight[1]
-        grown.weight.requires_grad_(old.weight.requires_grad)
-        self.token_type_embeddings = grown
+        self.token_type_embeddings = with_image_token_types(self.token_type_embeddings, count)
 
     def encode(
         self,

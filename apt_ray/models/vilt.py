@@ -11,7 +11,7 @@ from transformers import ViltConfig
 
 from apt_ray.methods.sites import AttentionSite, FFNSite, SiteAttention
 from apt_ray.models.attention import site_attention
-from apt_ray.models.output import BackboneOutput
+from apt_ray.models.output import BackboneOutput, with_image_token_types
 from apt_ray.models.registry import TINY_VOCAB, Preset, register_backbone, register_preset
 
 if TYPE_CHECKING:  # transformers' modeling code is imported when a model is built, not when presets are looked up
@@ -211,16 +211,9 @@ class ViltBackbone(nn.Module):
     def grow_image_token_types(self, count: int = 2) -> None:
         """Give the modality embedding ``count`` image token types (ids 1..count), the new rows copied from the
         image row 1, as ViLT's NLVR2 head does for its two images; a table that large already is left alone."""
-        old = self.vilt.embeddings.token_type_embeddings
-        if old.num_embeddings >= count + 1:
-            return
-        grown = nn.Embedding(count + 1, old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype)
-        with torch.no_grad():
-            grown.weight[: old.num_embeddings] = old.weight
-            grown.weight[old.num_embeddings:] = old.weight[1]
-        grown.weight.requires_grad_(old.weight.requires_grad)
-        self.vilt.embeddings.token_type_embeddings = grown
-        self.config.modality_type_vocab_size = count + 1
+        emb = self.vilt.embeddings
+        emb.token_type_embeddings = with_image_token_types(emb.token_type_embeddings, count)
+        self.config.modality_type_vocab_size = emb.token_type_embeddings.num_embeddings
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None,
                image_token_type: int = 1) -> BackboneOutput:
