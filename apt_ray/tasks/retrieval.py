@@ -118,9 +118,10 @@ def score_matrix(model: nn.Module, data: RetrievalData, ctx: EvalContext) -> tor
             for start in range(0, len(mine), bs):
                 r = mine[start:start + bs]
                 with ctx.autocast:
-                    out = net(input_ids[r].to(dev), attention_mask[r].to(dev), pixels[i:i + 1],
-                              None if pixel_mask is None else pixel_mask[i:i + 1].to(dev))
-                scores[r, image] = out.float().squeeze(-1).double().cpu()
+                    pooled = net.features(net.backbone, input_ids[r].to(dev), attention_mask[r].to(dev), pixels[i:i + 1],
+                                          None if pixel_mask is None else pixel_mask[i:i + 1].to(dev))
+                # the head in fp32: a bf16 score keeps 8 bits, which would tie close candidates
+                scores[r, image] = net.head(pooled.float()).squeeze(-1).double().cpu()
     if ctx.world_size > 1:
         scores = torch.tensor(ctx.all_sum(scores.flatten().tolist()), dtype=torch.float64).view(m, n)
     if chosen is not None:
