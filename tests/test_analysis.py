@@ -236,3 +236,17 @@ def test_scaling_cli_bad_input_exits_2_before_ray(capsys: pytest.CaptureFixture[
     import ray
 
     assert not ray.is_initialized()
+
+
+def test_the_score_axis_names_the_task_score_of_a_one_task_frame():
+    import pandas as pd
+
+    from apt_ray.analysis.plots import score_axis_label
+
+    assert score_axis_label(pd.DataFrame({"task": ["nlvr2", "nlvr2"]})) == "validation NLVR2 accuracy (%)"
+    assert score_axis_label(pd.DataFrame({"task": ["retrieval"]})) == "validation mean recall (IR and TR R@1/5/10) (%)"
+    assert score_axis_label(pd.DataFrame({"task": ["vqa"]})) == "validation VQA score (%)"
+    assert score_axis_label(pd.DataFrame({"task": ["classification"]})) == "validation accuracy (%)"
+    # several tasks, or runs of versions that logged no task: the generic name
+    assert score_axis_label(pd.DataFrame({"task": ["vqa", "nlvr2"]})) == "validation score (%)"
+    assert score_axis_label(pd.DataFrame({"method": ["apt"]})) == "validation score (%)"

@@ -47,7 +47,7 @@ class ClassificationTask:
     """Single-label image classification with a linear or zero-shot head; accuracy is the score."""
 
     score = ACCURACY
-    score_label = "validation accuracy (%)"
+    score_label = "validation accuracy"
     eval_keys = ("correct", "count")
     batch_keys = ("pixel_values",)
     metric_aliases: dict[str, str] = {}

@@ -135,7 +135,7 @@ class RetrievalTask:
     directions and every cut-off, so a small validation split gives a steadier signal than R@1 alone."""
 
     score = RECALL_SCORE
-    score_label = "validation mean recall (IR+TR R@1/5/10, %)"
+    score_label = "validation mean recall (IR and TR R@1/5/10)"
     eval_keys = ("ir_hits_1", "ir_hits_5", "ir_hits_10", "tr_hits_1", "tr_hits_5", "tr_hits_10", "captions", "images")
     batch_keys = MODEL_INPUTS
     metric_aliases: dict[str, str] = {}
