@@ -10,9 +10,6 @@ with the class names) into the cache, aside first and renamed when whole.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,21 +18,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from filelock import FileLock
 from torch.utils.data import Dataset
 
 from apt_ray.data.collate import CollateOutput, ImageBatcher
 from apt_ray.data.loaders import CountingLoader, make_loader
 from apt_ray.data.preprocess import describe_image_processor
 from apt_ray.data.scenes import COLORS, GRID, MIN_SCENE_SIZE, SHAPES, Scene, SceneObject, encode_png, render_scene
-from apt_ray.data.synthetic import datasets_bars
+from apt_ray.data.synthetic import COMPLETE_MARKER, build_once, datasets_bars
 from apt_ray.data.spec import ARROW_KINDS, DataSpec
 from apt_ray.data.stats import BatchCounts, DataStats
 from apt_ray.data.vqav2 import image_to_bytes, open_hf_dataset, pick_split
 from apt_ray.errors import UserError
 
 GENERATOR_VERSION = 1
-COMPLETE_MARKER = "_COMPLETE"
 CLASS_NAMES: tuple[str, ...] = tuple(f"{c} {s}" for c in COLORS for s in SHAPES)
 MAX_DISTRACTORS = 2
 _LARGE, _SMALL = 0.42, 0.22  # half-extent as a fraction of a grid cell (scenes.py draws "large" at 0.42)
@@ -100,22 +95,9 @@ def _write(tmp: Path, sizes: Mapping[str, int], image_size: int, seed: int) -> N
 
 def ensure_synthetic_classification(spec: DataSpec) -> Path:
     """Generate the synthetic classification set of ``spec`` unless cached; its folder."""
-    final = synthetic_dir(spec)
-    if (final / COMPLETE_MARKER).is_file():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(final) + ".lock"):
-        if not (final / COMPLETE_MARKER).is_file():
-            shutil.rmtree(final, ignore_errors=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-            try:
-                _write(tmp, {"train": spec.num_train, "val": spec.num_val}, spec.render_size, spec.synthetic_seed)
-                (tmp / COMPLETE_MARKER).write_text("ok\n")
-                os.replace(tmp, final)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-    return final
+    return build_once(synthetic_dir(spec),
+                      lambda tmp: _write(tmp, {"train": spec.num_train, "val": spec.num_val}, spec.render_size, spec.synthetic_seed),
+                      lambda folder: (folder / COMPLETE_MARKER).is_file())
 
 
 # ---------------------------------------------------------------------------------------------- reading

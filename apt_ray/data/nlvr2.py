@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from apt_ray.data.spec import ARROW_KINDS, DataSpec
+from apt_ray.data.synthetic import COMPLETE_MARKER
 from apt_ray.errors import UserError
 
 log = logging.getLogger("apt_ray.data")
@@ -31,7 +29,6 @@ DEFAULT_VAL_SPLIT = "dev"  # the authors validate on dev (test1 is the reported 
 SYNTHETIC_SPLITS = ("train", "dev", "test1")
 GENERATOR = "apt_ray.shapes_nlvr2"
 GENERATOR_VERSION = 1
-COMPLETE_MARKER = "_COMPLETE"
 TOKENIZER_DIR = "tokenizer"
 STATEMENT_TYPES = ("left", "right", "both", "count")
 MAX_COUNT = 4  # the numbers the tiny backbones' vocabulary knows (0-4)
@@ -178,43 +175,29 @@ def is_complete(folder: Path) -> bool:
 def ensure_synthetic(spec: DataSpec) -> Path:
     """Generate the synthetic NLVR2 set of ``spec`` unless it exists (atomically, under a file lock)."""
     from datasets import Dataset, DatasetDict
-    from filelock import FileLock
 
-    from apt_ray.data.synthetic import datasets_bars
+    from apt_ray.data.synthetic import build_once, datasets_bars
     from apt_ray.data.tokenizer import build_wordlevel_tokenizer
 
-    final = synthetic_dir(spec)
-    if is_complete(final):
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(final.parent / f".{final.name}.lock")):
-        if is_complete(final):
-            return final
-        shutil.rmtree(final, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-        try:
-            sizes = {"train": spec.num_train, "dev": spec.num_val, "test1": spec.num_test}
-            splits, report = {}, {}
-            for index, split in enumerate(SYNTHETIC_SPLITS):
-                if sizes[split] == 0:
-                    continue
-                cols = generate_split(sizes[split], spec.questions_per_image, spec.render_size, spec.synthetic_seed, index)
-                splits[split] = Dataset.from_dict(cols, features=_features())
-                flat = [a for row in cols["answers"] for a in row]
-                report[split] = {"pairs": sizes[split], "statements": len(flat), "true": flat.count("True")}
-                if split == "train":
-                    build_wordlevel_tokenizer(sorted({q for row in cols["questions"] for q in row}), tmp / TOKENIZER_DIR)
-            with datasets_bars():
-                DatasetDict(splits).save_to_disk(str(tmp))
-            meta = {"generator": GENERATOR, "generator_version": GENERATOR_VERSION, "seed": spec.synthetic_seed,
-                    "image_size": spec.render_size, "statements_per_pair": spec.questions_per_image, "splits": report}
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-            (tmp / COMPLETE_MARKER).write_text("ok\n")
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return final
+    def write(tmp: Path) -> None:
+        sizes = {"train": spec.num_train, "dev": spec.num_val, "test1": spec.num_test}
+        splits, report = {}, {}
+        for index, split in enumerate(SYNTHETIC_SPLITS):
+            if sizes[split] == 0:
+                continue
+            cols = generate_split(sizes[split], spec.questions_per_image, spec.render_size, spec.synthetic_seed, index)
+            splits[split] = Dataset.from_dict(cols, features=_features())
+            flat = [a for row in cols["answers"] for a in row]
+            report[split] = {"pairs": sizes[split], "statements": len(flat), "true": flat.count("True")}
+            if split == "train":
+                build_wordlevel_tokenizer(sorted({q for row in cols["questions"] for q in row}), tmp / TOKENIZER_DIR)
+        with datasets_bars():
+            DatasetDict(splits).save_to_disk(str(tmp))
+        meta = {"generator": GENERATOR, "generator_version": GENERATOR_VERSION, "seed": spec.synthetic_seed,
+                "image_size": spec.render_size, "statements_per_pair": spec.questions_per_image, "splits": report}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+
+    return build_once(synthetic_dir(spec), write, is_complete)
 
 
 # ---------------------------------------------------------------- readers

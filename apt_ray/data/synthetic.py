@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +147,28 @@ def datasets_bars(shown: bool = False) -> Iterator[None]:
     finally:
         if not shown and not were_off:
             enable_progress_bars()
+
+
+def build_once(final: Path, write: Callable[[Path], None], complete: Callable[[Path], bool]) -> Path:
+    """``final``, unless ``complete(final)`` already: ``write(tmp)`` fills a fresh sibling folder, which then gets a
+    ``_COMPLETE`` marker and replaces ``final`` in one rename, under a file lock, so concurrent trials build a set once
+    and a killed build leaves nothing half-written in its place."""
+    if complete(final):
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(final.parent / f".{final.name}.lock")):
+        if complete(final):
+            return final
+        shutil.rmtree(final, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+        try:
+            write(tmp)
+            (tmp / COMPLETE_MARKER).write_text("ok\n")
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return final
 
 
 def _write_dataset(tmp: Path, params: dict[str, int], progress: bool) -> None:
