@@ -38,3 +38,29 @@ def load_script(relative: str):
     sys.modules[name] = module  # dataclasses and pickling look their module up here
     spec.loader.exec_module(module)
     return module
+
+
+def sweep_child_runs(tmp_path, study: dict) -> list:
+    """Run ``apt-ray sweep`` on ``study`` in a subprocess (its own cache, Ray temp folder and sqlite MLflow under
+    ``tmp_path``: the session's stay as they are) and return the study's nested child runs from MLflow."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
+    uri = f"sqlite:///{tmp_path}/m.db"
+    env = {"APT_RAY_CACHE": str(tmp_path / "cache"), "RAY_TMPDIR": tempfile.mkdtemp(prefix="aptsw", dir="/tmp"),
+           "PYTHONPATH": str(root), "RAY_DEDUP_LOGS": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+    proc = subprocess.run([str(Path(sys.executable).parent / "apt-ray"), "sweep", "--config", str(tmp_path / "study.yaml"),
+                           "--tracking-uri", uri, "--storage-path", str(tmp_path / "sweep")], cwd=tmp_path,
+                          env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name(study["name"]).experiment_id])
+    return [r for r in runs if r.data.tags.get("mlflow.parentRunId")]

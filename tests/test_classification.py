@@ -3,15 +3,12 @@ one small sweep logging the task's metrics to MLflow."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
 
 from apt_ray.data.classification import (CLASS_NAMES, accuracy_counts, balanced_labels, build_classification_data,
@@ -20,9 +17,8 @@ from apt_ray.data.scenes import encode_png, render_scene
 from apt_ray.data.spec import DataSpec
 from apt_ray.errors import UserError
 from apt_ray.models.presets import build_backbone
+from tests.helpers import sweep_child_runs
 from apt_ray.tasks import get_task
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_accuracy_hand_worked() -> None:
@@ -148,20 +144,11 @@ def test_sweep_logs_classification_metrics(tmp_path: Path) -> None:
              "search_space": {"method": {"type": "categorical", "choices": ["apt", "head_only"]}},
              "initial_points": [{"method": "apt"}, {"method": "head_only"}], "num_trials": 2, "concurrency": 2,
              "resources": {"workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0}, "seed": 0}
-    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
-    uri = f"sqlite:///{tmp_path}/m.db"
-    env = {**__import__("os").environ, "APT_RAY_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT),
-           "RAY_DEDUP_LOGS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "apt_ray.cli", "sweep", "--config", str(tmp_path / "study.yaml"),
-                           "--tracking-uri", uri, "--storage-path", str(tmp_path / "sweep")],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    runs = sweep_child_runs(tmp_path, study)
+    assert len(runs) == 2
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name("cls-it")
-    runs = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("mlflow.parentRunId")]
-    assert len(runs) == 2
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/m.db")
     for run in runs:
         assert run.data.params["task"] == "classification"
         assert 0.0 <= run.data.metrics["val_accuracy"] <= 100.0

@@ -4,24 +4,18 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
 import torch
-import yaml
 from PIL import Image
 
 from apt_ray.cli import main as apt_ray_main
 from apt_ray.data.scenes import Scene, SceneObject
 from apt_ray.data.spec import DataSpec
 from apt_ray.tasks import get_task
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import sweep_child_runs
 
 
 def png(color: tuple[int, int, int], size: int = 16) -> bytes:
@@ -231,24 +225,11 @@ def test_profile_counts_two_passes_and_the_pair_head(capsys: pytest.CaptureFixtu
 
 @pytest.mark.integration
 def test_an_nlvr2_sweep_logs_the_task_metrics_to_mlflow(tmp_path: Path) -> None:
-    from mlflow.tracking import MlflowClient
-
     study = {"name": "nl", "model": "tiny-meter", "method": "apt", "num_trials": 2, "concurrency": 2, "seed": 0,
              "fixed": {"task": "nlvr2", "pretrained": False, "epochs": 1, "batch_size": 8, "num_train_images": 8,
                        "num_val_images": 4, "questions_per_image": 2, "num_prompts": 2, "rank": 2},
              "search_space": {"lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}}
-    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
-    uri = f"sqlite:///{tmp_path}/m.db"
-    # the subprocess's own cache: this session's stays as it is
-    env = {"APT_RAY_CACHE": str(tmp_path / "cache"), "RAY_TMPDIR": tempfile.mkdtemp(prefix="aptnl", dir="/tmp"),
-           "PYTHONPATH": str(ROOT), "RAY_DEDUP_LOGS": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
-    proc = subprocess.run([str(Path(sys.executable).parent / "apt-ray"), "sweep", "--config", str(tmp_path / "study.yaml"),
-                           "--tracking-uri", uri, "--storage-path", str(tmp_path / "sweep")], cwd=tmp_path,
-                          env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    client = MlflowClient(tracking_uri=uri)
-    runs = client.search_runs([client.get_experiment_by_name("nl").experiment_id])
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    children = sweep_child_runs(tmp_path, study)
     assert len(children) == 2
     for run in children:
         metrics = run.data.metrics

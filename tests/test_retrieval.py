@@ -7,16 +7,11 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
 import torch
-import yaml
 from PIL import Image
 
 from apt_ray.cli import main as apt_ray_main
@@ -28,8 +23,7 @@ from apt_ray.tasks.registry import load_builtins
 
 load_builtins()  # the built-in tasks register in their listed order before this module imports one of them directly
 from apt_ray.tasks.retrieval import pair_features, rank_loss  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import sweep_child_runs
 
 
 # -- recall@K -----------------------------------------------------------------------------------------------------
@@ -337,25 +331,11 @@ def test_profile_of_the_rank_head_equals_the_closed_form(capsys: pytest.CaptureF
 
 @pytest.mark.integration
 def test_a_retrieval_sweep_logs_the_task_metrics_to_mlflow(tmp_path: Path) -> None:
-    from mlflow.tracking import MlflowClient
-
     study = {"name": "rt", "model": "tiny-meter", "method": "apt", "num_trials": 2, "concurrency": 2, "seed": 0,
              "fixed": {"task": "retrieval", "pretrained": False, "epochs": 1, "batch_size": 8, "num_negatives": 2,
                        "max_train_questions": 8, "max_val_questions": 4, "num_prompts": 2, "rank": 2},
              "search_space": {"lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}}
-    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
-    uri = f"sqlite:///{tmp_path}/m.db"
-    ray_tmp = tempfile.mkdtemp(prefix="aptrr", dir="/tmp")
-    env = {"APT_RAY_CACHE": str(tmp_path / "cache"), "RAY_TMPDIR": ray_tmp, "PYTHONPATH": str(ROOT), "RAY_DEDUP_LOGS": "1",
-           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
-    proc = subprocess.run([str(Path(sys.executable).parent / "apt-ray"), "sweep", "--config", str(tmp_path / "study.yaml"),
-                           "--tracking-uri", uri, "--storage-path", str(tmp_path / "sweep")], cwd=tmp_path,
-                          env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    c = MlflowClient(tracking_uri=uri)
-    exp = c.get_experiment_by_name("rt")
-    runs = c.search_runs([exp.experiment_id])
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    children = sweep_child_runs(tmp_path, study)
     assert len(children) == 2
     for run in children:
         metrics = run.data.metrics
