@@ -249,9 +249,9 @@ def trial_profile(cfg: "TrainConfig") -> dict[str, Any]:
     """The measured profile of a trial config at its input shapes, JSON-ready (a sweep's ``flops_profile.json``)."""
     from apt_ray.models.presets import checkpoint_config
 
-    prof = profile(cfg.model, cfg.method_spec(), text_len=cfg.text_len, image_hw=cfg.profile_shape()[0],
-                   num_answers=get_task(cfg.task).head_width_for(cfg), config=checkpoint_config(cfg.model, cfg.checkpoint),
-                   task=cfg.task)
+    width = get_task(cfg.task).head_width_for(cfg)
+    prof = profile(cfg.model, cfg.method_spec(), text_len=cfg.text_len, image_hw=cfg.profile_shape()[0], num_answers=width,
+                   config=checkpoint_config(cfg.model, cfg.checkpoint), task=cfg.task)
     data = prof.to_dict()
-    data["num_answers_assumed"] = get_task(cfg.task).head_width_for(cfg)  # the head width counted in base_gmacs (additional_* do not depend on it)
+    data["num_answers_assumed"] = width  # the head width counted in base_gmacs (additional_* do not depend on it)
     return data

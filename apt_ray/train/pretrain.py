@@ -17,7 +17,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from filelock import FileLock
@@ -102,43 +104,53 @@ def pretrain(model: str, spec: DataSpec, out_dir: str | Path, steps: int = DEFAU
     generator = torch.Generator().manual_seed(seed)
     contrast = getattr(backbone, "unimodal_cls", None)  # two-stream backbones only
     backbone.train()
-    step, epoch = 0, 0
     bar = tqdm(total=steps, desc=f"pretraining {model} (MLM+ITM{'' if contrast is None else '+ITC'})", disable=not progress, unit="step")
-    while step < steps:
-        loader.set_epoch(epoch)
-        for batch in loader:
-            ids, mask, pixels = batch["input_ids"], batch["attention_mask"], batch["pixel_values"]
-            b = ids.shape[0]
-            itc = None
-            if contrast is not None:  # on the true pairs, before masking and mismatching
-                itc = contrastive_loss(*contrast(ids.to(device), mask.to(device), pixels.to(device)))
-            # image-text matching: half the pairs get another example's image
-            mismatched = torch.rand(b, generator=generator) < 0.5
-            shift = torch.randint(1, max(b, 2), (1,), generator=generator).item()
-            pixels = torch.where(mismatched[:, None, None, None], pixels.roll(shift, 0), pixels)
-            masked, labels = mask_tokens(ids, mask, tokenizer, generator)
-            labels[mismatched] = -100  # MLM only where the image matches the caption
-            masked, mask, pixels, labels = masked.to(device), mask.to(device), pixels.to(device), labels.to(device)
-            out = backbone.encode(masked, mask, pixels)
-            mlm = nn.functional.cross_entropy(heads.mlm(out.text_states).flatten(0, 1), labels.flatten(), ignore_index=-100)
-            itm = nn.functional.cross_entropy(heads.itm(out.pooled), mismatched.long().to(device))
-            loss = mlm + itm if itc is None else mlm + itm + itc
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            bar.update(1)
-            bar.set_postfix(mlm=f"{mlm.item():.3f}", itm=f"{itm.item():.3f}", **({} if itc is None else {"itc": f"{itc.item():.3f}"}))
-            if step >= steps:
-                break
-        epoch += 1
+    for batch in _batches(loader, steps):
+        ids, mask, pixels = batch["input_ids"], batch["attention_mask"], batch["pixel_values"]
+        b = ids.shape[0]
+        itc = None
+        if contrast is not None:  # on the true pairs, before masking and mismatching
+            itc = contrastive_loss(*contrast(ids.to(device), mask.to(device), pixels.to(device)))
+        # image-text matching: half the pairs get another example's image
+        mismatched = torch.rand(b, generator=generator) < 0.5
+        shift = torch.randint(1, max(b, 2), (1,), generator=generator).item()
+        pixels = torch.where(mismatched[:, None, None, None], pixels.roll(shift, 0), pixels)
+        masked, labels = mask_tokens(ids, mask, tokenizer, generator)
+        labels[mismatched] = -100  # MLM only where the image matches the caption
+        masked, mask, pixels, labels = masked.to(device), mask.to(device), pixels.to(device), labels.to(device)
+        out = backbone.encode(masked, mask, pixels)
+        mlm = nn.functional.cross_entropy(heads.mlm(out.text_states).flatten(0, 1), labels.flatten(), ignore_index=-100)
+        itm = nn.functional.cross_entropy(heads.itm(out.pooled), mismatched.long().to(device))
+        _update(mlm + itm if itc is None else mlm + itm + itc, optimizer, scheduler, params)
+        bar.update(1)
+        bar.set_postfix(mlm=f"{mlm.item():.3f}", itm=f"{itm.item():.3f}", **({} if itc is None else {"itc": f"{itc.item():.3f}"}))
     bar.close()
     return _save(backbone, tokenizer, spec, out_dir, {"model": model, "steps": steps, "seed": seed, "batch_size": batch_size, "lr": lr,
                                                        "device": device.type,
                                                        "final_mlm_loss": mlm.item(), "final_itm_loss": itm.item(),
                                                        "final_itc_loss": None if itc is None else itc.item(), "version": PRETRAIN_VERSION})
+
+
+def _batches(loader: Any, steps: int) -> Iterator[dict[str, torch.Tensor]]:
+    """``steps`` batches from ``loader``, epoch after epoch (each epoch in its seeded order)."""
+    step, epoch = 0, 0
+    while step < steps:
+        loader.set_epoch(epoch)
+        for batch in loader:
+            yield batch
+            step += 1
+            if step >= steps:
+                return
+        epoch += 1
+
+
+def _update(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler: Any, params: list[nn.Parameter]) -> None:
+    """One optimiser step on ``loss`` (gradients clipped to norm 1)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    scheduler.step()
 
 
 def _save(backbone: nn.Module, tokenizer, spec: DataSpec, out_dir: str | Path, record: dict) -> Path:
@@ -168,24 +180,13 @@ def pretrain_itc(backbone: nn.Module, model: str, spec: DataSpec, tokenizer, out
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     scheduler = warmup_then_decay(optimizer, steps // 10, steps, "cosine")
     backbone.train()
-    step, epoch = 0, 0
     bar = tqdm(total=steps, desc=f"pretraining {model} (ITC)", disable=not progress, unit="step")
-    while step < steps:
-        loader.set_epoch(epoch)
-        for batch in loader:
-            out = backbone.clip(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                                pixel_values=batch["pixel_values"].to(device), return_loss=True)
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            bar.update(1)
-            bar.set_postfix(itc=f"{out.loss.item():.3f}")
-            if step >= steps:
-                break
-        epoch += 1
+    for batch in _batches(loader, steps):
+        out = backbone.clip(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                            pixel_values=batch["pixel_values"].to(device), return_loss=True)
+        _update(out.loss, optimizer, scheduler, params)
+        bar.update(1)
+        bar.set_postfix(itc=f"{out.loss.item():.3f}")
     bar.close()
     return _save(backbone, tokenizer, spec, out_dir, {"model": model, "steps": steps, "seed": seed, "batch_size": batch_size,
                                                       "lr": lr, "device": device.type, "objective": "itc",
